@@ -1,0 +1,278 @@
+//! Batched generation with a KV cache: greedy and sampling (temperature, top-k, top-p),
+//! left-padded prompts, per-row stop at EOS. Mirrors Hugging Face `generate` as TRL's
+//! `PPOTrainer.generate` calls it, returning ragged prompt and response ids.
+
+use candle_core::{DType, Tensor};
+use rlhf_ops::rng::RngStream;
+
+use crate::cache::KvCache;
+use crate::error::{ModelError, Result};
+use crate::gpt2::{Fwd, Gpt2};
+
+/// Generation settings (Hugging Face `GenerationConfig` names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    /// Tokens to generate at most per row.
+    pub max_new_tokens: usize,
+    /// EOS is forbidden before this many new tokens.
+    pub min_new_tokens: usize,
+    /// Sample (true) or take the argmax (false, greedy).
+    pub do_sample: bool,
+    /// Logits are divided by this before sampling.
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0 = off).
+    pub top_p: f64,
+    /// Rows stop after emitting this token (`None`: never stop early).
+    pub eos_token_id: Option<u32>,
+    /// Id written after a row stopped.
+    pub pad_token_id: u32,
+}
+
+impl Default for GenerationConfig {
+    /// TRL's canonical PPO settings: pure sampling (`top_k` 0, `top_p` 1.0), 32 new tokens.
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            min_new_tokens: 0,
+            do_sample: true,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            eos_token_id: Some(50256),
+            pad_token_id: 50256,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Checks the settings, saying which one is wrong and why.
+    pub fn validate(&self) -> Result<()> {
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(ModelError::Input(format!("temperature must be > 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Input(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(ModelError::Input(format!(
+                "min_new_tokens ({}) exceeds max_new_tokens ({})",
+                self.min_new_tokens, self.max_new_tokens
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The output of [`generate`]: per row, the prompt as given and the new tokens, cut after
+/// the first EOS (kept), like TRL's `generate(..., return_prompt=False)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Prompt ids per row (unpadded).
+    pub prompt_ids: Vec<Vec<u32>>,
+    /// New ids per row, ending with EOS if the row stopped.
+    pub response_ids: Vec<Vec<u32>>,
+}
+
+/// Generates continuations for a batch of prompts.
+///
+/// Prompts are left-padded into one batch; positions come from the attention mask, so each
+/// row sees exactly what it would alone. A row that emits EOS is finished: it gets
+/// `pad_token_id` with mask 0 afterwards. `rng` drives sampling; the same seed gives the
+/// same samples.
+pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng: &mut RngStream) -> Result<Generation> {
+    cfg.validate()?;
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Generation { prompt_ids: vec![], response_ids: vec![] });
+    }
+    let n_pos = model.cfg.n_positions;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ModelError::Input(format!("prompt {i} is empty; generation needs at least one token")));
+        }
+        if p.len() + cfg.max_new_tokens > n_pos {
+            return Err(ModelError::Input(format!(
+                "prompt {i} has {} tokens; with max_new_tokens {} it needs {} positions but the model has n_positions {n_pos}\n\
+                 hint: shorten the prompt or lower max_new_tokens",
+                p.len(),
+                cfg.max_new_tokens,
+                p.len() + cfg.max_new_tokens
+            )));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "prompt {i} has token id {bad}, outside the vocabulary of {} tokens",
+                model.cfg.vocab_size
+            )));
+        }
+    }
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let device = model.device();
+    let mut ids = Vec::with_capacity(b * max_len);
+    let mut mask: Vec<Vec<u32>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = max_len - p.len();
+        ids.extend(std::iter::repeat_n(cfg.pad_token_id, pad).chain(p.iter().copied()));
+        mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())).collect());
+    }
+    let cfgm = &model.cfg;
+    let mut cache =
+        KvCache::new(cfgm.n_layer, b, cfgm.n_head, cfgm.head_dim(), max_len + cfg.max_new_tokens, model.dtype(), device)?;
+    let mut fwd = Fwd::eval();
+    let mut input = Tensor::from_vec(ids, (b, max_len), device)?;
+    let mut responses: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_new_tokens); b];
+    let mut done = vec![false; b];
+    for step in 0..cfg.max_new_tokens {
+        let mask_t = mask_tensor(&mask, device)?;
+        let hidden = model.forward(&input, &mask_t, Some(&mut cache), &mut fwd)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits: Vec<Vec<f32>> = model.lm_logits(&last, false)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for (row, mut l) in logits.into_iter().enumerate() {
+            if done[row] {
+                next.push(cfg.pad_token_id);
+                mask[row].push(0);
+                continue;
+            }
+            if step < cfg.min_new_tokens {
+                if let Some(eos) = cfg.eos_token_id {
+                    l[eos as usize] = f32::NEG_INFINITY;
+                }
+            }
+            let tok = if cfg.do_sample { sample(&mut l, cfg, rng) } else { argmax(&l) };
+            responses[row].push(tok);
+            done[row] = Some(tok) == cfg.eos_token_id;
+            next.push(tok);
+            mask[row].push(1);
+        }
+        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        input = Tensor::from_vec(next, (b, 1), device)?;
+    }
+    Ok(Generation { prompt_ids: prompts.to_vec(), response_ids: responses })
+}
+
+fn mask_tensor(mask: &[Vec<u32>], device: &candle_core::Device) -> Result<Tensor> {
+    let s = mask.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = mask.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (mask.len(), s), device)?)
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Samples one token from logits after Hugging Face's warpers, in their order:
+/// temperature, top-k, top-p (keeping at least one token).
+pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -> u32 {
+    let inv_t = (1.0 / cfg.temperature) as f32;
+    if inv_t != 1.0 {
+        logits.iter_mut().for_each(|x| *x *= inv_t);
+    }
+    let n = logits.len();
+    let mut order: Vec<u32> = Vec::new();
+    let needs_sort = (cfg.top_k > 0 && cfg.top_k < n) || cfg.top_p < 1.0;
+    if needs_sort {
+        order = (0..n as u32).collect();
+        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        let mut keep = n;
+        if cfg.top_k > 0 {
+            keep = keep.min(cfg.top_k);
+        }
+        order.truncate(keep);
+        if cfg.top_p < 1.0 {
+            let max = logits[order[0] as usize] as f64;
+            let probs: Vec<f64> = order.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
+            let z: f64 = probs.iter().sum();
+            let mut cum = 0.0;
+            let mut cut = order.len();
+            for (k, p) in probs.iter().enumerate() {
+                cum += p / z;
+                if cum >= cfg.top_p {
+                    cut = k + 1;
+                    break;
+                }
+            }
+            order.truncate(cut.max(1));
+        }
+    }
+    let candidates: Box<dyn Iterator<Item = u32>> =
+        if needs_sort { Box::new(order.iter().copied()) } else { Box::new(0..n as u32) };
+    let cands: Vec<u32> = candidates.collect();
+    let max = cands.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weights: Vec<f64> = cands.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
+    let z: f64 = weights.iter().sum();
+    let mut u = rng.uniform_f64() * z;
+    for (k, w) in weights.iter().enumerate() {
+        if u < *w {
+            return cands[k];
+        }
+        u -= w;
+    }
+    // Rounding left `u` just above the total: the last candidate with weight takes it.
+    let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+    cands[last]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let cfg = GenerationConfig { top_k: 1, ..Default::default() };
+        let mut rng = RngStream::new(3);
+        for _ in 0..20 {
+            let mut l = vec![0.1, 2.0, 1.9, -3.0];
+            assert_eq!(sample(&mut l, &cfg, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps the first two.
+        let cfg = GenerationConfig { top_p: 0.8, ..Default::default() };
+        let mut rng = RngStream::new(5);
+        let base = [2.0f32, 1.0, 0.0, -1.2];
+        let mut seen = [0usize; 4];
+        for _ in 0..2000 {
+            let mut l = base.to_vec();
+            seen[sample(&mut l, &cfg, &mut rng) as usize] += 1;
+        }
+        assert!(seen[0] > 0 && seen[1] > 0 && seen[2] == 0 && seen[3] == 0, "{seen:?}");
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let cfg = GenerationConfig::default();
+        let mut rng = RngStream::new(9);
+        let mut hits = 0;
+        for _ in 0..10_000 {
+            let mut l = vec![0.0f32, (3.0f32).ln()];
+            hits += sample(&mut l, &cfg, &mut rng) as usize;
+        }
+        let p = hits as f64 / 10_000.0;
+        assert!((p - 0.75).abs() < 0.02, "p = {p}");
+    }
+
+    #[test]
+    fn neg_infinity_is_never_sampled() {
+        let cfg = GenerationConfig { temperature: 0.7, ..Default::default() };
+        let mut rng = RngStream::new(1);
+        for _ in 0..1000 {
+            let mut l = vec![0.0f32, f32::NEG_INFINITY, 0.5];
+            assert_ne!(sample(&mut l, &cfg, &mut rng), 1);
+        }
+    }
+}

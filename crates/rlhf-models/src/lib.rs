@@ -1,0 +1,24 @@
+//! GPT-2 as in Hugging Face transformers, for training and generation on candle:
+//! `config.json` parsing, `model.safetensors` in and out, the backbone with an
+//! attention-mask-driven forward, LM / value / score heads, a KV cache kept outside the
+//! model, batched generation, and the tokenizer.
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gpt2;
+pub mod heads;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::Gpt2Config;
+pub use error::{ModelError, Result};
+pub use generate::{generate, Generation, GenerationConfig};
+pub use gpt2::{Fwd, Gpt2};
+pub use heads::{ScoreHead, ValueHead};
+pub use model::{LoadOptions, Model};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,12 @@
+//! Pure tensor math for RLHF: log-probabilities, masked statistics, KL penalties, GAE,
+//! PPO and Bradley–Terry losses, and the fused CPU kernels that speed them up.
+//!
+//! Every function documents its formula, the behaviour it matches (TRL 0.11 / PEFT) and
+//! the shapes it takes, in the alphabet `B` batch, `T` time, `V` vocab, `H` hidden.
+#![warn(missing_docs)]
+
+pub mod nn;
+pub mod rng;
+pub mod ppo;
+
+pub use candle_core::{Error as CandleError, Result as CandleResult};

@@ -1,0 +1,178 @@
+//! Differentiable building blocks for transformer layers.
+//!
+//! Every function here is composed from candle operations that have a backward pass.
+//! (Several fused candle-nn ops — `ops::layer_norm`, `softmax_last_dim`, `rms_norm` — cut
+//! the autograd graph silently; these are the versions training may use.)
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Layer normalisation over the last dimension (Ba et al. 2016; `torch.nn.LayerNorm`):
+/// `y = (x - mean) / sqrt(var + eps) * w + b`, biased variance, computed in f32.
+///
+/// # Shapes
+/// `x`: `(.., H)`, `w`, `b`: `(H)` → `(.., H)` in the dtype of `x`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.to_dtype(dtype)?
+        .broadcast_mul(&w.to_dtype(dtype)?)?
+        .broadcast_add(&b.to_dtype(dtype)?)
+}
+
+/// Softmax over the last dimension, `exp(x - max) / sum(exp(x - max))`. The max is
+/// detached: it only shifts the exponent for stability and has no gradient.
+///
+/// # Shapes
+/// `x`: `(.., N)` → `(.., N)`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// Activation functions of Hugging Face configs (`activation_function`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new` / `gelu_pytorch_tanh` / `gelu_fast`: the tanh approximation
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+    /// `gelu`: the exact `x Φ(x)` with the error function.
+    GeluErf,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`: `x σ(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses a Hugging Face `activation_function` name.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "gelu" => Some(Self::GeluErf),
+            "relu" => Some(Self::Relu),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+
+    /// The names [`Activation::from_hf_name`] accepts.
+    pub const HF_NAMES: &'static [&'static str] =
+        &["gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish"];
+
+    /// Applies the activation.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// Inverted dropout with an explicit mask source: zeroes each element with probability `p`
+/// and scales the rest by `1 / (1 - p)` (`torch.nn.Dropout` in train mode).
+///
+/// `uniform` draws `n` samples in `[0, 1)`; callers pass a seeded generator so that runs are
+/// reproducible.
+pub fn dropout(x: &Tensor, p: f64, uniform: &mut dyn FnMut(usize) -> Vec<f32>) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let mask: Vec<f32> = uniform(x.elem_count())
+        .into_iter()
+        .map(|u| if u < p { 0.0 } else { scale })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// An additive attention bias `(B, 1, T, S)`: 0 where query `t` (absolute position
+/// `S - T + t`) may attend to key `s` — causal and `mask[b][s] == 1` — and `-1e9` elsewhere.
+/// A query row with no visible key (a left-padding position) gets a uniform attention
+/// distribution instead of NaN.
+pub fn causal_padding_bias(mask: &[Vec<u32>], t: usize, device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let s = mask.first().map_or(0, Vec::len);
+    let past = s.saturating_sub(t);
+    let mut bias = vec![0f32; b * t * s];
+    for (bi, row) in mask.iter().enumerate() {
+        for q in 0..t {
+            let out = &mut bias[(bi * t + q) * s..(bi * t + q + 1) * s];
+            for (k, o) in out.iter_mut().enumerate() {
+                if k > past + q || row[k] == 0 {
+                    *o = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, t, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_normalises_rows() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.], [2., 2., 2., 6.]], &Device::Cpu)?;
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
+        let y = layer_norm(&x, &w, &b, 0.0)?;
+        let mean = y.mean_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        let var = y.sqr()?.mean_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        for (m, v) in mean.iter().zip(&var) {
+            assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-5, "mean {m} var {v}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_survive_large_negatives() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 2., -1e9], [-1e9, -1e9, -1e9]], &Device::Cpu)?;
+        let y = softmax_last_dim(&x)?.to_vec2::<f32>()?;
+        assert!((y[0][0] + y[0][1] - 1.0).abs() < 1e-6 && y[0][2] == 0.0);
+        assert!(y[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6));
+        Ok(())
+    }
+
+    #[test]
+    fn causal_padding_bias_hides_future_and_padding() -> Result<()> {
+        let mask = vec![vec![0u32, 1, 1]];
+        let bias = causal_padding_bias(&mask, 3, &Device::Cpu)?;
+        let v = bias.flatten_all()?.to_vec1::<f32>()?;
+        let allowed: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
+        #[rustfmt::skip]
+        let want = [false, false, false,
+                    false, true, false,
+                    false, true, true];
+        assert_eq!(allowed, want);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_keeps_expectation() -> Result<()> {
+        let x = Tensor::ones(10_000, DType::F32, &Device::Cpu)?;
+        let mut state = 12345u64;
+        let mut uniform = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (state >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect()
+        };
+        let y = dropout(&x, 0.1, &mut uniform)?;
+        let mean = y.mean_all()?.to_scalar::<f32>()?;
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        Ok(())
+    }
+}

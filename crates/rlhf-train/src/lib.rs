@@ -1,0 +1,6 @@
+//! Training: data loading, optimizers, and the SFT, reward and PPO trainers.
+#![warn(missing_docs)]
+
+pub use rlhf_models as models;
+pub use rlhf_ops as ops;
+pub use rlhf_peft as peft;
