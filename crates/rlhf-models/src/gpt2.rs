@@ -4,7 +4,7 @@
 //! loading and saving are walks over the config. The KV cache lives outside the model.
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_ops::nn::{causal_padding_bias, dropout, layer_norm, softmax_last_dim};
+use rlhf_ops::nn::{causal_padding_bias, compute_dtype, dropout, layer_norm, softmax_last_dim};
 use rlhf_ops::rng::RngStream;
 use rlhf_peft::{Param, Proj};
 
@@ -330,25 +330,30 @@ impl Gpt2 {
             scale /= (layer + 1) as f64;
         }
         let dtype = q.dtype();
-        let scores = if self.cfg.reorder_and_upcast_attn || dtype != DType::F32 {
+        let up = compute_dtype(dtype);
+        let scores = if self.cfg.reorder_and_upcast_attn || up != dtype {
             // Upcast before the product, scale first (transformers' `_upcast_and_reordered_attn`).
-            (q.to_dtype(DType::F32)? * scale)?.matmul(&k.to_dtype(DType::F32)?.t()?)?
+            (q.to_dtype(up)? * scale)?.matmul(&k.to_dtype(up)?.t()?)?
         } else {
             (q.matmul(&k.t()?)? * scale)?
         };
-        let probs = softmax_last_dim(&scores.broadcast_add(bias)?)?.to_dtype(dtype)?;
+        let probs = softmax_last_dim(&scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?)?.to_dtype(dtype)?;
         let probs = fwd.dropout(&probs, self.cfg.attn_pdrop)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         Ok(blk.attn_c_proj.forward(&out, fwd.grad)?)
     }
 
-    /// LM-head logits, in f32.
+    /// LM-head logits, in f32 (f64 for an f64 model).
     ///
     /// # Shapes
     /// `hidden`: `(.., H)` → `(.., V)`.
     pub fn lm_logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.wte).get(grad);
-        Ok(rlhf_peft::proj::matmul_2d(hidden, &w.t()?)?.to_dtype(DType::F32)?)
+        let logits = rlhf_peft::proj::matmul_2d(hidden, &w.t()?)?;
+        match logits.dtype() {
+            DType::F64 => Ok(logits),
+            _ => Ok(logits.to_dtype(DType::F32)?),
+        }
     }
 }
 

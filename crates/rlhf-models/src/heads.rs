@@ -36,9 +36,10 @@ impl ValueHead {
     /// # Shapes
     /// `hidden`: `(B, T, H)` → `(B, T)`.
     pub fn forward(&self, hidden: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
-        let x = fwd.dropout(&hidden.to_dtype(DType::F32)?, self.dropout)?;
-        let w = self.weight.get(fwd.grad).to_dtype(DType::F32)?;
-        let b = self.bias.get(fwd.grad).to_dtype(DType::F32)?;
+        let dt = head_dtype(hidden);
+        let x = fwd.dropout(&hidden.to_dtype(dt)?, self.dropout)?;
+        let w = self.weight.get(fwd.grad).to_dtype(dt)?;
+        let b = self.bias.get(fwd.grad).to_dtype(dt)?;
         let v = rlhf_peft::proj::matmul_2d(&x, &w.t()?)?.broadcast_add(&b)?;
         Ok(v.squeeze(D::Minus1)?)
     }
@@ -70,9 +71,19 @@ impl ScoreHead {
         let idx = last_real_index(mask)?;
         let flat: Vec<u32> = idx.iter().enumerate().map(|(row, &i)| (row * t + i) as u32).collect();
         let flat = Tensor::from_vec(flat, b, hidden.device())?;
-        let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?.to_dtype(DType::F32)?;
-        let w = self.weight.get(grad).to_dtype(DType::F32)?;
+        let dt = head_dtype(hidden);
+        let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?.to_dtype(dt)?;
+        let w = self.weight.get(grad).to_dtype(dt)?;
         Ok(pooled.matmul(&w.t()?)?)
+    }
+}
+
+/// Heads compute in f32 (TRL upcasts the value head's input), or f64 for f64 models.
+fn head_dtype(hidden: &Tensor) -> DType {
+    if hidden.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

@@ -157,6 +157,27 @@ impl Model {
         Ok(true)
     }
 
+    /// Makes every weight, heads included, trainable (full fine-tuning) or frozen.
+    pub fn set_trainable(&mut self, trainable: bool) -> Result<()> {
+        self.gpt2.set_trainable(trainable)?;
+        let mut heads: Vec<&mut Param> = Vec::new();
+        if let Some(v) = &mut self.value_head {
+            heads.push(&mut v.weight);
+            heads.push(&mut v.bias);
+        }
+        if let Some(s) = &mut self.score_head {
+            heads.push(&mut s.weight);
+        }
+        for p in heads {
+            if trainable {
+                p.make_trainable()?;
+            } else {
+                p.freeze();
+            }
+        }
+        Ok(())
+    }
+
     /// Backbone forward then LM logits (f32).
     ///
     /// # Shapes

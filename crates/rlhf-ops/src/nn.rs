@@ -7,13 +7,14 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Layer normalisation over the last dimension (Ba et al. 2016; `torch.nn.LayerNorm`):
-/// `y = (x - mean) / sqrt(var + eps) * w + b`, biased variance, computed in f32.
+/// `y = (x - mean) / sqrt(var + eps) * w + b`, biased variance, computed in at least f32
+/// precision (half-precision inputs are upcast).
 ///
 /// # Shapes
 /// `x`: `(.., H)`, `w`, `b`: `(H)` → `(.., H)` in the dtype of `x`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -21,6 +22,14 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     xn.to_dtype(dtype)?
         .broadcast_mul(&w.to_dtype(dtype)?)?
         .broadcast_add(&b.to_dtype(dtype)?)
+}
+
+/// The dtype reductions run in: f32 for half-precision inputs, else the input's own.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
 }
 
 /// Softmax over the last dimension, `exp(x - max) / sum(exp(x - max))`. The max is
@@ -97,8 +106,9 @@ pub fn dropout(x: &Tensor, p: f64, uniform: &mut dyn FnMut(usize) -> Vec<f32>) -
 
 /// An additive attention bias `(B, 1, T, S)`: 0 where query `t` (absolute position
 /// `S - T + t`) may attend to key `s` — causal and `mask[b][s] == 1` — and `-1e9` elsewhere.
-/// A query row with no visible key (a left-padding position) gets a uniform attention
-/// distribution instead of NaN.
+/// A query with no visible key (a left-padding position) attends to itself only, so its
+/// softmax is well defined (no NaN, no dependence on other tokens); its output is never
+/// used by real tokens, which cannot see padding keys.
 pub fn causal_padding_bias(mask: &[Vec<u32>], t: usize, device: &Device) -> Result<Tensor> {
     let b = mask.len();
     let s = mask.first().map_or(0, Vec::len);
@@ -107,10 +117,16 @@ pub fn causal_padding_bias(mask: &[Vec<u32>], t: usize, device: &Device) -> Resu
     for (bi, row) in mask.iter().enumerate() {
         for q in 0..t {
             let out = &mut bias[(bi * t + q) * s..(bi * t + q + 1) * s];
+            let mut visible = false;
             for (k, o) in out.iter_mut().enumerate() {
                 if k > past + q || row[k] == 0 {
                     *o = -1e9;
+                } else {
+                    visible = true;
                 }
+            }
+            if !visible {
+                out[past + q] = 0.0;
             }
         }
     }
@@ -151,7 +167,7 @@ mod tests {
         let v = bias.flatten_all()?.to_vec1::<f32>()?;
         let allowed: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
         #[rustfmt::skip]
-        let want = [false, false, false,
+        let want = [true,  false, false,
                     false, true, false,
                     false, true, true];
         assert_eq!(allowed, want);
