@@ -137,14 +137,20 @@ impl Gpt2Config {
         let n_head = f.usize("n_head", None)?;
         let n_embd = f.usize("n_embd", None)?;
         if n_head == 0 || n_embd % n_head != 0 {
-            return Err(f.err("n_head", format!("n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")));
+            return Err(f.err(
+                "n_head",
+                format!("n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})"),
+            ));
         }
         let n_inner = f.opt_usize("n_inner")?.unwrap_or(4 * n_embd);
         let act_name = f.string("activation_function", "gelu_new")?;
         let activation = Activation::from_hf_name(&act_name).ok_or_else(|| {
             f.err(
                 "activation_function",
-                format!("unknown activation \"{act_name}\"; expected one of {}", Activation::HF_NAMES.join(", ")),
+                format!(
+                    "unknown activation \"{act_name}\"; expected one of {}",
+                    Activation::HF_NAMES.join(", ")
+                ),
             )
         })?;
         let cfg = Self {
@@ -169,11 +175,19 @@ impl Gpt2Config {
             pad_token_id: f.opt_usize("pad_token_id")?.map(|v| v as u32),
             num_labels: match f.opt_usize("num_labels")? {
                 Some(n) => n,
-                None => raw.get("id2label").and_then(Value::as_object).map_or(1, |m| m.len().max(1)),
+                None => raw
+                    .get("id2label")
+                    .and_then(Value::as_object)
+                    .map_or(1, |m| m.len().max(1)),
             },
             raw: raw.clone(),
         };
-        for (field, v) in [("n_layer", n_layer), ("n_embd", n_embd), ("n_positions", cfg.n_positions), ("vocab_size", cfg.vocab_size)] {
+        for (field, v) in [
+            ("n_layer", n_layer),
+            ("n_embd", n_embd),
+            ("n_positions", cfg.n_positions),
+            ("vocab_size", cfg.vocab_size),
+        ] {
             if v == 0 {
                 return Err(f.err(field, "must be positive".into()));
             }
@@ -193,7 +207,15 @@ impl Gpt2Config {
         set(&mut m, "n_layer", self.n_layer.into());
         set(&mut m, "n_head", self.n_head.into());
         set(&mut m, "n_embd", self.n_embd.into());
-        set(&mut m, "n_inner", if self.n_inner == 4 * self.n_embd { Value::Null } else { self.n_inner.into() });
+        set(
+            &mut m,
+            "n_inner",
+            if self.n_inner == 4 * self.n_embd {
+                Value::Null
+            } else {
+                self.n_inner.into()
+            },
+        );
         set(&mut m, "n_positions", self.n_positions.into());
         set(&mut m, "vocab_size", self.vocab_size.into());
         let act = match self.activation {
@@ -205,7 +227,11 @@ impl Gpt2Config {
         set(&mut m, "activation_function", act.into());
         set(&mut m, "layer_norm_epsilon", self.layer_norm_epsilon.into());
         set(&mut m, "scale_attn_weights", self.scale_attn_weights.into());
-        set(&mut m, "scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx.into());
+        set(
+            &mut m,
+            "scale_attn_by_inverse_layer_idx",
+            self.scale_attn_by_inverse_layer_idx.into(),
+        );
         set(&mut m, "reorder_and_upcast_attn", self.reorder_and_upcast_attn.into());
         set(&mut m, "tie_word_embeddings", self.tie_word_embeddings.into());
         set(&mut m, "attn_pdrop", self.attn_pdrop.into());
@@ -219,10 +245,10 @@ impl Gpt2Config {
         }
         if architecture.ends_with("ForSequenceClassification") {
             set(&mut m, "num_labels", self.num_labels.into());
-            let id2label: Map<String, Value> =
-                (0..self.num_labels).map(|i| (i.to_string(), format!("LABEL_{i}").into())).collect();
-            let label2id: Map<String, Value> =
-                (0..self.num_labels).map(|i| (format!("LABEL_{i}"), i.into())).collect();
+            let id2label: Map<String, Value> = (0..self.num_labels)
+                .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+                .collect();
+            let label2id: Map<String, Value> = (0..self.num_labels).map(|i| (format!("LABEL_{i}"), i.into())).collect();
             set(&mut m, "id2label", Value::Object(id2label));
             set(&mut m, "label2id", Value::Object(label2id));
         }
@@ -239,7 +265,11 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, field: &str, msg: String) -> ModelError {
-        ModelError::Config { path: PathBuf::from(self.path), field: field.into(), msg }
+        ModelError::Config {
+            path: PathBuf::from(self.path),
+            field: field.into(),
+            msg,
+        }
     }
 
     fn get(&self, field: &str) -> Option<&Value> {
@@ -267,7 +297,9 @@ impl Fields<'_> {
     fn f64(&self, field: &str, default: f64) -> Result<f64> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
         }
     }
 
@@ -283,7 +315,9 @@ impl Fields<'_> {
     fn bool(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
         }
     }
 

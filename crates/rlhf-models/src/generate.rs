@@ -50,10 +50,16 @@ impl GenerationConfig {
     /// Checks the settings, saying which one is wrong and why.
     pub fn validate(&self) -> Result<()> {
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(ModelError::Input(format!("temperature must be > 0, got {}", self.temperature)));
+            return Err(ModelError::Input(format!(
+                "temperature must be > 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::Input(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(ModelError::Input(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if self.min_new_tokens > self.max_new_tokens {
             return Err(ModelError::Input(format!(
@@ -85,12 +91,17 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
     cfg.validate()?;
     let b = prompts.len();
     if b == 0 {
-        return Ok(Generation { prompt_ids: vec![], response_ids: vec![] });
+        return Ok(Generation {
+            prompt_ids: vec![],
+            response_ids: vec![],
+        });
     }
     let n_pos = model.cfg.n_positions;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
-            return Err(ModelError::Input(format!("prompt {i} is empty; generation needs at least one token")));
+            return Err(ModelError::Input(format!(
+                "prompt {i} is empty; generation needs at least one token"
+            )));
         }
         if p.len() + cfg.max_new_tokens > n_pos {
             return Err(ModelError::Input(format!(
@@ -115,11 +126,22 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
     for p in prompts {
         let pad = max_len - p.len();
         ids.extend(std::iter::repeat_n(cfg.pad_token_id, pad).chain(p.iter().copied()));
-        mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())).collect());
+        mask.push(
+            std::iter::repeat_n(0, pad)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect(),
+        );
     }
     let cfgm = &model.cfg;
-    let mut cache =
-        KvCache::new(cfgm.n_layer, b, cfgm.n_head, cfgm.head_dim(), max_len + cfg.max_new_tokens, model.dtype(), device)?;
+    let mut cache = KvCache::new(
+        cfgm.n_layer,
+        b,
+        cfgm.n_head,
+        cfgm.head_dim(),
+        max_len + cfg.max_new_tokens,
+        model.dtype(),
+        device,
+    )?;
     let mut fwd = Fwd::eval();
     let mut input = Tensor::from_vec(ids, (b, max_len), device)?;
     let mut responses: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_new_tokens); b];
@@ -129,7 +151,11 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
         let hidden = model.forward(&input, &mask_t, Some(&mut cache), &mut fwd)?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
-        let logits: Vec<Vec<f32>> = model.lm_logits(&last, false)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = model
+            .lm_logits(&last, false)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
         let mut next = Vec::with_capacity(b);
         for (row, mut l) in logits.into_iter().enumerate() {
             if done[row] {
@@ -142,7 +168,11 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
                     l[eos as usize] = f32::NEG_INFINITY;
                 }
             }
-            let tok = if cfg.do_sample { sample(&mut l, cfg, rng) } else { argmax(&l) };
+            let tok = if cfg.do_sample {
+                sample(&mut l, cfg, rng)
+            } else {
+                argmax(&l)
+            };
             responses[row].push(tok);
             done[row] = Some(tok) == cfg.eos_token_id;
             next.push(tok);
@@ -153,7 +183,10 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
         }
         input = Tensor::from_vec(next, (b, 1), device)?;
     }
-    Ok(Generation { prompt_ids: prompts.to_vec(), response_ids: responses })
+    Ok(Generation {
+        prompt_ids: prompts.to_vec(),
+        response_ids: responses,
+    })
 }
 
 fn mask_tensor(mask: &[Vec<u32>], device: &candle_core::Device) -> Result<Tensor> {
@@ -207,10 +240,16 @@ pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -
             order.truncate(cut.max(1));
         }
     }
-    let candidates: Box<dyn Iterator<Item = u32>> =
-        if needs_sort { Box::new(order.iter().copied()) } else { Box::new(0..n as u32) };
+    let candidates: Box<dyn Iterator<Item = u32>> = if needs_sort {
+        Box::new(order.iter().copied())
+    } else {
+        Box::new(0..n as u32)
+    };
     let cands: Vec<u32> = candidates.collect();
-    let max = cands.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = cands
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = cands.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
     let z: f64 = weights.iter().sum();
     let mut u = rng.uniform_f64() * z;
@@ -231,7 +270,10 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let cfg = GenerationConfig { top_k: 1, ..Default::default() };
+        let cfg = GenerationConfig {
+            top_k: 1,
+            ..Default::default()
+        };
         let mut rng = RngStream::new(3);
         for _ in 0..20 {
             let mut l = vec![0.1, 2.0, 1.9, -3.0];
@@ -242,7 +284,10 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_set_reaching_p() {
         // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps the first two.
-        let cfg = GenerationConfig { top_p: 0.8, ..Default::default() };
+        let cfg = GenerationConfig {
+            top_p: 0.8,
+            ..Default::default()
+        };
         let mut rng = RngStream::new(5);
         let base = [2.0f32, 1.0, 0.0, -1.2];
         let mut seen = [0usize; 4];
@@ -268,7 +313,10 @@ mod tests {
 
     #[test]
     fn neg_infinity_is_never_sampled() {
-        let cfg = GenerationConfig { temperature: 0.7, ..Default::default() };
+        let cfg = GenerationConfig {
+            temperature: 0.7,
+            ..Default::default()
+        };
         let mut rng = RngStream::new(1);
         for _ in 0..1000 {
             let mut l = vec![0.0f32, f32::NEG_INFINITY, 0.5];

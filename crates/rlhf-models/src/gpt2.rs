@@ -24,17 +24,26 @@ pub struct Fwd<'a> {
 impl Fwd<'_> {
     /// Eval mode without gradients (generation, scoring, reference log-probs).
     pub fn eval() -> Fwd<'static> {
-        Fwd { grad: false, dropout: None }
+        Fwd {
+            grad: false,
+            dropout: None,
+        }
     }
 
     /// Eval mode (no dropout) that records gradients.
     pub fn eval_grad() -> Fwd<'static> {
-        Fwd { grad: true, dropout: None }
+        Fwd {
+            grad: true,
+            dropout: None,
+        }
     }
 
     /// Train mode: gradients and seeded dropout.
     pub fn train(rng: &mut RngStream) -> Fwd<'_> {
-        Fwd { grad: true, dropout: Some(rng) }
+        Fwd {
+            grad: true,
+            dropout: Some(rng),
+        }
     }
 
     /// Applies dropout with probability `p` in train mode; identity in eval mode.
@@ -110,7 +119,10 @@ impl Gpt2 {
             })
         };
         let proj = |w: &mut Weights, name: &str, i: usize, o: usize| -> Result<Proj> {
-            Ok(Proj::dense(p(w, &format!("{name}.weight"), &[i, o])?, Some(p(w, &format!("{name}.bias"), &[o])?)))
+            Ok(Proj::dense(
+                p(w, &format!("{name}.weight"), &[i, o])?,
+                Some(p(w, &format!("{name}.bias"), &[o])?),
+            ))
         };
         let wte = p(w, "wte.weight", &[v, h])?;
         let wpe = p(w, "wpe.weight", &[cfg.n_positions, h])?;
@@ -127,8 +139,19 @@ impl Gpt2 {
             });
         }
         let ln_f = ln(w, "ln_f")?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(p(w, "lm_head.weight", &[v, h])?) };
-        Ok(Self { cfg, wte, wpe, blocks, ln_f, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(p(w, "lm_head.weight", &[v, h])?)
+        };
+        Ok(Self {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
     }
 
     /// A randomly initialised model with transformers' GPT-2 init: normal(0, 0.02) weights,
@@ -143,7 +166,13 @@ impl Gpt2 {
         let zeros = |n: usize| -> Result<Param> { Ok(Param::frozen(Tensor::zeros(n, dtype, device)?)) };
         let ones = |n: usize| -> Result<Param> { Ok(Param::frozen(Tensor::ones(n, dtype, device)?)) };
         let eps = cfg.layer_norm_epsilon;
-        let ln = || -> Result<LayerNorm> { Ok(LayerNorm { weight: ones(h)?, bias: zeros(h)?, eps }) };
+        let ln = || -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: ones(h)?,
+                bias: zeros(h)?,
+                eps,
+            })
+        };
         let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
         let wte = normal(&[v, h], 0.02)?;
         let wpe = normal(&[cfg.n_positions, h], 0.01)?;
@@ -158,14 +187,28 @@ impl Gpt2 {
                 mlp_c_proj: Proj::dense(normal(&[inner, h], proj_std)?, Some(zeros(h)?)),
             });
         }
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(normal(&[v, h], 0.02)?) };
-        Ok(Self { cfg, wte, wpe, blocks, ln_f: ln()?, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(normal(&[v, h], 0.02)?)
+        };
+        Ok(Self {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f: ln()?,
+            lm_head,
+        })
     }
 
     /// Every weight with its Hugging Face name (without the `transformer.` prefix; the untied
     /// head is `lm_head.weight`).
     pub fn named_params(&self) -> Vec<(String, &Param)> {
-        let mut out = vec![("wte.weight".to_string(), &self.wte), ("wpe.weight".to_string(), &self.wpe)];
+        let mut out = vec![
+            ("wte.weight".to_string(), &self.wte),
+            ("wpe.weight".to_string(), &self.wpe),
+        ];
         fn ln<'a>(out: &mut Vec<(String, &'a Param)>, name: String, l: &'a LayerNorm) {
             out.push((format!("{name}.weight"), &l.weight));
             out.push((format!("{name}.bias"), &l.bias));
@@ -193,8 +236,10 @@ impl Gpt2 {
 
     /// Mutable access to every weight, by the names of [`Gpt2::named_params`].
     pub fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
-        let mut out: Vec<(String, &mut Param)> =
-            vec![("wte.weight".to_string(), &mut self.wte), ("wpe.weight".to_string(), &mut self.wpe)];
+        let mut out: Vec<(String, &mut Param)> = vec![
+            ("wte.weight".to_string(), &mut self.wte),
+            ("wpe.weight".to_string(), &mut self.wpe),
+        ];
         for (i, b) in self.blocks.iter_mut().enumerate() {
             out.push((format!("h.{i}.ln_1.weight"), &mut b.ln_1.weight));
             out.push((format!("h.{i}.ln_1.bias"), &mut b.ln_1.bias));
@@ -250,7 +295,13 @@ impl Gpt2 {
     ///
     /// # Shapes
     /// `ids`: `(B, T)` u32, `mask`: `(B, S)` with `S = past + T` → hidden `(B, T, H)`.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>, fwd: &mut Fwd) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        fwd: &mut Fwd,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mask_rows: Vec<Vec<u32>> = mask.to_dtype(DType::U32)?.to_vec2()?;
         let s = mask_rows.first().map_or(0, Vec::len);
@@ -315,7 +366,11 @@ impl Gpt2 {
         let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim());
         let qkv = blk.c_attn.forward(x, fwd.grad)?;
         let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(2, i * h, h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(qkv
+                .narrow(2, i * h, h)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let (k, v) = match cache {

@@ -25,10 +25,18 @@ impl ValueHead {
     /// `±1/sqrt(H)` (what TRL gets with its default init strategy).
     pub fn random(hidden: usize, dropout: f64, rng: &mut RngStream, device: &Device) -> Result<Self> {
         let bound = 1.0 / (hidden as f64).sqrt();
-        let mut u = |n: usize| -> Vec<f32> { (0..n).map(|_| ((rng.uniform_f64() * 2.0 - 1.0) * bound) as f32).collect() };
+        let mut u = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.uniform_f64() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
         let weight = Tensor::from_vec(u(hidden), (1, hidden), device)?;
         let bias = Tensor::from_vec(u(1), 1, device)?;
-        Ok(Self { weight: Param::frozen(weight), bias: Param::frozen(bias), dropout })
+        Ok(Self {
+            weight: Param::frozen(weight),
+            bias: Param::frozen(bias),
+            dropout,
+        })
     }
 
     /// Values per position, in f32.
@@ -57,7 +65,9 @@ impl ScoreHead {
     /// A fresh head, normal(0, 0.02) as transformers initialises it.
     pub fn random(hidden: usize, num_labels: usize, rng: &mut RngStream, device: &Device) -> Result<Self> {
         let w: Vec<f32> = (0..hidden * num_labels).map(|_| (rng.normal() * 0.02) as f32).collect();
-        Ok(Self { weight: Param::frozen(Tensor::from_vec(w, (num_labels, hidden), device)?) })
+        Ok(Self {
+            weight: Param::frozen(Tensor::from_vec(w, (num_labels, hidden), device)?),
+        })
     }
 
     /// Scores read at the last position whose attention mask is 1 — never by comparing ids
@@ -96,9 +106,9 @@ pub fn last_real_index(mask: &Tensor) -> Result<Vec<usize>> {
     rows.iter()
         .enumerate()
         .map(|(r, row)| {
-            row.iter()
-                .rposition(|&m| m != 0)
-                .ok_or_else(|| ModelError::Input(format!("row {r} of the batch has no real token (attention mask all 0)")))
+            row.iter().rposition(|&m| m != 0).ok_or_else(|| {
+                ModelError::Input(format!("row {r} of the batch has no real token (attention mask all 0)"))
+            })
         })
         .collect()
 }

@@ -16,7 +16,12 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::{save_safetensors, write_atomic, Weights};
 
 /// Files of the tokenizer copied verbatim from the source directory on save.
-const TOKENIZER_SIDE_FILES: &[&str] = &["tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"];
+const TOKENIZER_SIDE_FILES: &[&str] = &[
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+];
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -29,7 +34,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -79,7 +87,9 @@ impl Model {
                         w.source.display()
                     )));
                 }
-                Some(ScoreHead { weight: Param::frozen(weight) })
+                Some(ScoreHead {
+                    weight: Param::frozen(weight),
+                })
             }
         };
         let gpt2 = Gpt2::from_weights(cfg, &mut w)?;
@@ -110,14 +120,26 @@ impl Model {
                 side_files.push((name.to_string(), std::fs::read(&p).map_err(io_err(&p))?));
             }
         }
-        Ok(Self { gpt2, value_head, score_head, tokenizer, side_files })
+        Ok(Self {
+            gpt2,
+            value_head,
+            score_head,
+            tokenizer,
+            side_files,
+        })
     }
 
     /// A randomly initialised model of shape `cfg` (see [`Gpt2::random`]).
     pub fn random(cfg: Gpt2Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = RngStream::new(seed);
         let gpt2 = Gpt2::random(cfg, &mut rng, dtype, device)?;
-        Ok(Self { gpt2, value_head: None, score_head: None, tokenizer: None, side_files: Vec::new() })
+        Ok(Self {
+            gpt2,
+            value_head: None,
+            score_head: None,
+            tokenizer: None,
+            side_files: Vec::new(),
+        })
     }
 
     /// The config.
@@ -127,9 +149,9 @@ impl Model {
 
     /// The tokenizer, or an error saying the directory had none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| ModelError::Input("the model has no tokenizer (tokenizer.json missing from its directory)".into()))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            ModelError::Input("the model has no tokenizer (tokenizer.json missing from its directory)".into())
+        })
     }
 
     /// Adds a freshly initialised value head if there is none; returns whether it did
@@ -210,7 +232,13 @@ impl Model {
             .gpt2
             .named_params()
             .into_iter()
-            .map(|(n, p)| if n == "lm_head.weight" { (n, p) } else { (format!("transformer.{n}"), p) })
+            .map(|(n, p)| {
+                if n == "lm_head.weight" {
+                    (n, p)
+                } else {
+                    (format!("transformer.{n}"), p)
+                }
+            })
             .collect();
         if let Some(v) = &self.value_head {
             out.push(("v_head.summary.weight".into(), &v.weight));
@@ -236,8 +264,11 @@ impl Model {
     /// and the tokenizer files. Each file is written to a temporary name and renamed.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tensors: BTreeMap<String, Tensor> =
-            self.named_params().into_iter().map(|(n, p)| (n, p.value().clone())).collect();
+        let tensors: BTreeMap<String, Tensor> = self
+            .named_params()
+            .into_iter()
+            .map(|(n, p)| (n, p.value().clone()))
+            .collect();
         save_safetensors(&tensors, &dir.join("model.safetensors"))?;
         let mut cfg = self.gpt2.cfg.clone();
         if self.score_head.is_some() && cfg.pad_token_id.is_none() {
@@ -279,7 +310,10 @@ impl Model {
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(v).map_err(|source| ModelError::Json { path: PathBuf::from(path), source })?;
+    let mut text = serde_json::to_string_pretty(v).map_err(|source| ModelError::Json {
+        path: PathBuf::from(path),
+        source,
+    })?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }

@@ -19,7 +19,10 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("path", &self.path).field("eos_token_id", &self.eos_token_id).finish()
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("eos_token_id", &self.eos_token_id)
+            .finish()
     }
 }
 
@@ -32,8 +35,10 @@ impl Tokenizer {
 
     /// Parses the contents of a `tokenizer.json` (`path` is only used in messages).
     pub fn from_json(json: String, path: &Path, eos: Option<u32>, pad: Option<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
-            .map_err(|e| ModelError::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         let eos_token_id = match eos.or_else(|| inner.token_to_id("<|endoftext|>")) {
             Some(id) => id,
             None => {
@@ -43,23 +48,30 @@ impl Tokenizer {
                 })
             }
         };
-        Ok(Self { inner, json, eos_token_id, pad_token_id: pad.unwrap_or(eos_token_id), path: path.to_path_buf() })
+        Ok(Self {
+            inner,
+            json,
+            eos_token_id,
+            pad_token_id: pad.unwrap_or(eos_token_id),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Token ids of `text`, with no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; special tokens are kept unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), msg: e.to_string() })
+        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })
     }
 
     /// Vocabulary size including added tokens.

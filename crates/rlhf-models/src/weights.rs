@@ -25,23 +25,36 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         if single.is_file() {
-            let mut w = Self { tensors: HashMap::new(), skipped: HashMap::new(), source: single.clone() };
+            let mut w = Self {
+                tensors: HashMap::new(),
+                skipped: HashMap::new(),
+                source: single.clone(),
+            };
             w.read_file(&single, dtype, device)?;
             return Ok(w);
         }
         if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
                 path: index.clone(),
-                field: "weight_map".into(),
-                msg: "expected an object mapping tensor names to shard files".into(),
+                source,
             })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Config {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                    msg: "expected an object mapping tensor names to shard files".into(),
+                })?;
             let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             shards.sort_unstable();
             shards.dedup();
-            let mut w = Self { tensors: HashMap::new(), skipped: HashMap::new(), source: index.clone() };
+            let mut w = Self {
+                tensors: HashMap::new(),
+                skipped: HashMap::new(),
+                source: index.clone(),
+            };
             for shard in shards {
                 w.read_file(&dir.join(shard), dtype, device)?;
             }
@@ -60,8 +73,10 @@ impl Weights {
     /// Reads one safetensors file into this set.
     pub fn read_file(&mut self, path: &Path, dtype: DType, device: &Device) -> Result<()> {
         let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         for (name, view) in st.tensors() {
             let src = match view.dtype() {
                 StDtype::F32 => DType::F32,
@@ -87,12 +102,24 @@ impl Weights {
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some((t, path)) = self.tensors.remove(name) else {
             return Err(match self.skipped.get(name) {
-                Some((dtype, path)) => ModelError::Dtype { path: path.clone(), name: name.into(), got: dtype.clone() },
-                None => ModelError::MissingTensor { path: self.source.clone(), name: name.to_string() },
+                Some((dtype, path)) => ModelError::Dtype {
+                    path: path.clone(),
+                    name: name.into(),
+                    got: dtype.clone(),
+                },
+                None => ModelError::MissingTensor {
+                    path: self.source.clone(),
+                    name: name.to_string(),
+                },
             });
         };
         if t.dims() != shape {
-            return Err(ModelError::Shape { path, name: name.into(), got: t.dims().to_vec(), expected: shape.to_vec() });
+            return Err(ModelError::Shape {
+                path,
+                name: name.into(),
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
         Ok(t)
     }
@@ -152,12 +179,17 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
             };
             safetensors::tensor::TensorView::new(dt, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
+                .map_err(|e| ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let data = safetensors::serialize(views, Some(meta))
-        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     write_atomic(path, &data)
 }
 

@@ -44,7 +44,10 @@ fn a_config_field_of_the_wrong_type_names_the_field() {
     write_small(dir.path());
     edit_config(dir.path(), |v| v["n_layer"] = "two".into());
     let err = load_err(dir.path());
-    assert!(err.contains("config.json") && err.contains("`n_layer`") && err.contains("integer"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("`n_layer`") && err.contains("integer"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -53,7 +56,10 @@ fn an_unknown_activation_lists_the_known_ones() {
     write_small(dir.path());
     edit_config(dir.path(), |v| v["activation_function"] = "swiglu".into());
     let err = load_err(dir.path());
-    assert!(err.contains("activation_function") && err.contains("swiglu") && err.contains("gelu_new"), "{err}");
+    assert!(
+        err.contains("activation_function") && err.contains("swiglu") && err.contains("gelu_new"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,7 +78,10 @@ fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     // The config now promises 64 positions; the weights hold 32.
     edit_config(dir.path(), |v| v["n_positions"] = 64.into());
     let err = load_err(dir.path());
-    assert!(err.contains("transformer.wpe.weight") || err.contains("wpe.weight"), "{err}");
+    assert!(
+        err.contains("transformer.wpe.weight") || err.contains("wpe.weight"),
+        "{err}"
+    );
     assert!(err.contains("[32, 8]") && err.contains("[64, 8]"), "{err}");
 }
 
@@ -93,7 +102,10 @@ fn a_truncated_safetensors_file_is_reported_as_corrupt() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.safetensors") && err.contains("truncated or corrupt"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
     std::fs::write(&p, b"garbage").unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("truncated or corrupt"), "{err}");

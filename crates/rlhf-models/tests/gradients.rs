@@ -11,9 +11,28 @@ use rlhf_peft::Param;
 fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor {
     let mut fwd = Fwd { grad, dropout: None };
     let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
-    let logits = model.gpt2.lm_logits(&hidden, grad).unwrap().to_dtype(DType::F64).unwrap();
-    let values = model.value_head.as_ref().unwrap().forward(&hidden, &mut fwd).unwrap().to_dtype(DType::F64).unwrap();
-    let scores = model.score_head.as_ref().unwrap().forward(&hidden, mask, grad).unwrap().to_dtype(DType::F64).unwrap();
+    let logits = model
+        .gpt2
+        .lm_logits(&hidden, grad)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let values = model
+        .value_head
+        .as_ref()
+        .unwrap()
+        .forward(&hidden, &mut fwd)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let scores = model
+        .score_head
+        .as_ref()
+        .unwrap()
+        .forward(&hidden, mask, grad)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     // A fixed, position-dependent weighting so that every output matters differently.
     let n = logits.elem_count();
     let w: Vec<f64> = (0..n).map(|i| ((i * 7919 % 97) as f64 / 97.0) - 0.5).collect();
@@ -51,7 +70,9 @@ fn check(activation: Activation) {
     let params = model.named_params();
     assert!(params.len() > 20);
     for (name, p) in params {
-        let g = grads.get(p.get(true)).unwrap_or_else(|| panic!("{name} received no gradient"));
+        let g = grads
+            .get(p.get(true))
+            .unwrap_or_else(|| panic!("{name} received no gradient"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let n = g.len();
         for k in 0..4 {
@@ -65,7 +86,11 @@ fn check(activation: Activation) {
             set_entry(p, idx, orig);
             let fd = (up - down) / (2.0 * h);
             let err = (g[idx] - fd).abs();
-            assert!(err <= 1e-6 + 1e-4 * fd.abs(), "{name}[{idx}]: autograd {} vs finite difference {fd}", g[idx]);
+            assert!(
+                err <= 1e-6 + 1e-4 * fd.abs(),
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                g[idx]
+            );
         }
     }
 }

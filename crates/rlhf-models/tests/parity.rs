@@ -20,10 +20,23 @@ fn lm_logits_match_transformers() {
         let t = ids.len();
         let ids_t = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
         let mask = Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap();
-        let logits = model.logits(&ids_t, &mask, &mut Fwd::eval()).unwrap().squeeze(0).unwrap();
+        let logits = model
+            .logits(&ids_t, &mask, &mut Fwd::eval())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let lse = {
             let max = logits.max_keepdim(D::Minus1).unwrap();
-            (logits.broadcast_sub(&max).unwrap().exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap() + max)
+            (logits
+                .broadcast_sub(&max)
+                .unwrap()
+                .exp()
+                .unwrap()
+                .sum_keepdim(D::Minus1)
+                .unwrap()
+                .log()
+                .unwrap()
+                + max)
                 .unwrap()
                 .squeeze(1)
                 .unwrap()
@@ -37,7 +50,12 @@ fn lm_logits_match_transformers() {
         let want_arg = u32s(&seq["argmax"]);
         for pos in 0..t {
             for k in 0..5 {
-                assert_close(rows[pos][k], want5[pos][k], TOL, &format!("seq {s} pos {pos} logit {k}"));
+                assert_close(
+                    rows[pos][k],
+                    want5[pos][k],
+                    TOL,
+                    &format!("seq {s} pos {pos} logit {k}"),
+                );
             }
             assert_close(lse[pos], want_lse[pos], TOL, &format!("seq {s} pos {pos} logsumexp"));
         }
@@ -50,7 +68,9 @@ fn seqcls_model() -> rlhf_models::Model {
     let p = parity();
     let w = f32s2(&p["seqcls_padded_batch"]["score_weight"]);
     let w = Tensor::from_vec(w.concat(), (1, 128), &Device::Cpu).unwrap();
-    model.score_head = Some(ScoreHead { weight: Param::frozen(w) });
+    model.score_head = Some(ScoreHead {
+        weight: Param::frozen(w),
+    });
     model
 }
 
@@ -60,7 +80,13 @@ fn seqcls_scores_match_transformers_on_a_right_padded_batch() {
     let p = &parity()["seqcls_padded_batch"];
     let ids = tensor2(&u32s2(&p["input_ids"]));
     let mask = tensor2(&u32s2(&p["attention_mask"]));
-    let scores = model.scores(&ids, &mask, &mut Fwd::eval()).unwrap().squeeze(1).unwrap().to_vec1::<f32>().unwrap();
+    let scores = model
+        .scores(&ids, &mask, &mut Fwd::eval())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     for (i, (g, w)) in scores.iter().zip(f32s(&p["scores"])).enumerate() {
         assert_close(*g, w, TOL, &format!("score {i}"));
     }
@@ -80,8 +106,17 @@ fn left_and_right_padding_give_the_same_scores() {
         lmask.push([vec![0; pad], vec![1; n]].concat());
     }
     let right = model.scores(&tensor2(&ids), &tensor2(&mask), &mut Fwd::eval()).unwrap();
-    let left = model.scores(&tensor2(&lids), &tensor2(&lmask), &mut Fwd::eval()).unwrap();
-    let diff = (right - left).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let left = model
+        .scores(&tensor2(&lids), &tensor2(&lmask), &mut Fwd::eval())
+        .unwrap();
+    let diff = (right - left)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "left vs right padding differ by {diff}");
 }
 
@@ -95,7 +130,11 @@ fn response_logprobs_match_transformers() {
     let t = ids.len();
     let ids_t = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
     let mask = Tensor::ones((1, t), DType::U32, &Device::Cpu).unwrap();
-    let logits = model.logits(&ids_t, &mask, &mut Fwd::eval()).unwrap().squeeze(0).unwrap();
+    let logits = model
+        .logits(&ids_t, &mask, &mut Fwd::eval())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let lp: Vec<Vec<f32>> = log_softmax(&logits).to_vec2().unwrap();
     let want = f32s(&p["plain_model_response_logprobs"]);
     for (k, w) in want.iter().enumerate() {
@@ -120,9 +159,19 @@ fn trl_batched_forward_pass_logprobs_and_values_match() {
     let mask = u32s2(&fp["attention_mask"]);
     let resp_mask = u32s2(&fp["masks"]);
     let mut fwd = Fwd::eval();
-    let hidden = model.gpt2.forward(&tensor2(&ids), &tensor2(&mask), None, &mut fwd).unwrap();
+    let hidden = model
+        .gpt2
+        .forward(&tensor2(&ids), &tensor2(&mask), None, &mut fwd)
+        .unwrap();
     let logits = model.gpt2.lm_logits(&hidden, false).unwrap();
-    let values: Vec<Vec<f32>> = model.value_head.as_ref().unwrap().forward(&hidden, &mut fwd).unwrap().to_vec2().unwrap();
+    let values: Vec<Vec<f32>> = model
+        .value_head
+        .as_ref()
+        .unwrap()
+        .forward(&hidden, &mut fwd)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let lp = log_softmax(&logits);
     let want_lp = f32s2(&fp["logprobs"]);
     let want_v = f32s2(&fp["values"]);

@@ -6,7 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod nn;
-pub mod rng;
 pub mod ppo;
+pub mod rng;
 
 pub use candle_core::{Error as CandleError, Result as CandleResult};

@@ -71,8 +71,15 @@ impl Activation {
     }
 
     /// The names [`Activation::from_hf_name`] accepts.
-    pub const HF_NAMES: &'static [&'static str] =
-        &["gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish"];
+    pub const HF_NAMES: &'static [&'static str] = &[
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "gelu",
+        "relu",
+        "silu",
+        "swish",
+    ];
 
     /// Applies the activation.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
@@ -181,7 +188,9 @@ mod tests {
         let mut uniform = |n: usize| {
             (0..n)
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     (state >> 40) as f32 / (1u64 << 24) as f32
                 })
                 .collect()

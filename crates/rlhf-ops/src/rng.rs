@@ -75,7 +75,10 @@ mod tests {
         let mut b = RngStream::new(7);
         assert_eq!(first, (0..5).map(|_| b.next_u64()).collect::<Vec<_>>());
         let saved = a.clone();
-        let mut resumed = RngStream { seed: saved.seed, counter: saved.counter };
+        let mut resumed = RngStream {
+            seed: saved.seed,
+            counter: saved.counter,
+        };
         assert_eq!(a.next_u64(), resumed.next_u64());
     }
 

@@ -19,7 +19,11 @@ impl Param {
     /// A frozen weight: never receives a gradient.
     pub fn frozen(t: Tensor) -> Self {
         let t = t.detach();
-        Self { var: None, tracked: t.clone(), detached: t }
+        Self {
+            var: None,
+            tracked: t.clone(),
+            detached: t,
+        }
     }
 
     /// A trainable weight (copies `t` once into a new variable).
@@ -27,7 +31,11 @@ impl Param {
         let var = Var::from_tensor(&t.detach())?;
         let tracked = var.as_tensor().clone();
         let detached = tracked.detach();
-        Ok(Self { var: Some(var), tracked, detached })
+        Ok(Self {
+            var: Some(var),
+            tracked,
+            detached,
+        })
     }
 
     /// The tensor to use in a forward pass: tracked for autograd when `grad` is true and

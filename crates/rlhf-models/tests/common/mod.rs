@@ -25,7 +25,11 @@ pub fn parity() -> Value {
 }
 
 pub fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 pub fn f32s2(v: &Value) -> Vec<Vec<f32>> {
@@ -33,7 +37,11 @@ pub fn f32s2(v: &Value) -> Vec<Vec<f32>> {
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("int") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
 }
 
 pub fn u32s2(v: &Value) -> Vec<Vec<u32>> {

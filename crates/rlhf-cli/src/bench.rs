@@ -1,0 +1,141 @@
+//! `rlhf bench WORKLOAD`: the workloads of the benchmark suite, timed with warm-up steps
+//! excluded; prints one JSON line last (median, min, max seconds per step, throughput,
+//! peak RSS, threads, dtype).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rlhf_models::{generate, GenerationConfig, Gpt2Config, Model};
+use rlhf_ops::rng::RngStream;
+use serde_json::json;
+
+/// The workloads.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Workload {
+    /// f32 and bf16 matrix products (1024³ and 4096×768×768) through candle's matmul.
+    Gemm,
+    /// 16 prompts × 64 sampled tokens with the KV cache, GPT-2-small shape.
+    GenerateSmall,
+}
+
+/// Arguments of `rlhf bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which workload to run.
+    workload: Workload,
+    /// Timed steps (default: the workload's own).
+    #[arg(long)]
+    steps: Option<usize>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.workload {
+        Workload::Gemm => gemm(a.steps.unwrap_or(10)),
+        Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
+    }
+}
+
+/// Median, min and max of step times.
+fn stats(mut times: Vec<f64>) -> (f64, f64, f64) {
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    let median = if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        0.5 * (times[n / 2 - 1] + times[n / 2])
+    };
+    (median, times[0], times[n - 1])
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+fn time_steps(warmup: usize, steps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn gemm(steps: usize) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    let mut rng = RngStream::new(0);
+    for (m, k, n) in [(1024usize, 1024usize, 1024usize), (4096, 768, 768)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let a = Tensor::from_vec(rng.uniform_vec(m * k), (m, k), &Device::Cpu)?.to_dtype(dtype)?;
+            let b = Tensor::from_vec(rng.uniform_vec(k * n), (k, n), &Device::Cpu)?.to_dtype(dtype)?;
+            let times = time_steps(3, steps, || {
+                a.matmul(&b)?;
+                Ok(())
+            })?;
+            let (median, min, max) = stats(times);
+            let gflops = 2.0 * (m * k * n) as f64 / median / 1e9;
+            let line = json!({"shape": format!("{m}x{k}x{n}"), "dtype": format!("{dtype:?}").to_lowercase(),
+                "seconds": median, "min": min, "max": max, "gflops": gflops});
+            println!("{line}");
+            results.push(line);
+        }
+    }
+    let best_f32 = results
+        .iter()
+        .filter(|r| r["dtype"] == "f32")
+        .map(|r| r["gflops"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    let first = &results[0];
+    println!(
+        "{}",
+        json!({"workload": "gemm", "seconds_per_step": first["seconds"], "min": first["min"], "max": first["max"],
+            "throughput": best_f32, "unit": "GFLOP/s (best f32)", "peak_rss_mib": peak_rss_mib(),
+            "threads": threads(), "dtype": "f32+bf16", "results": results})
+    );
+    Ok(())
+}
+
+fn generate_small(steps: usize) -> anyhow::Result<()> {
+    let tok = rlhf_train::assets::gpt2_tokenizer()?;
+    let prompts: Vec<Vec<u32>> = rlhf_train::assets::ppo_prompts()
+        .iter()
+        .take(16)
+        .map(|p| tok.encode(p))
+        .collect::<Result<_, _>>()?;
+    let model = Model::random(Gpt2Config::small(), 0, DType::F32, &Device::Cpu)?;
+    let cfg = GenerationConfig {
+        max_new_tokens: 64,
+        eos_token_id: None,
+        ..Default::default()
+    };
+    let mut rng = RngStream::new(0);
+    let mut tokens = 0;
+    let times = time_steps(1, steps, || {
+        let out = generate(&model.gpt2, &prompts, &cfg, &mut rng)?;
+        tokens = out.response_ids.iter().map(Vec::len).sum::<usize>();
+        Ok(())
+    })?;
+    let (median, min, max) = stats(times);
+    println!(
+        "{}",
+        json!({"workload": "generate-small", "seconds_per_step": median, "min": min, "max": max,
+            "throughput": tokens as f64 / median, "unit": "tokens/s", "peak_rss_mib": peak_rss_mib(),
+            "threads": threads(), "dtype": "f32", "batch": prompts.len(), "new_tokens": 64})
+    );
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! `rlhf`: reinforcement learning from human feedback, one binary.
+
+mod bench;
+mod generate;
+mod score;
+
+use clap::{Parser, Subcommand};
+
+/// Reinforcement learning from human feedback: reward models, PPO, LoRA — no Python.
+#[derive(Parser)]
+#[command(name = "rlhf", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate continuations of prompts with a causal LM directory.
+    Generate(generate::Args),
+    /// Score texts or preference pairs with a reward model directory.
+    Score(score::Args),
+    /// Run a benchmark workload and print its timings as JSON.
+    Bench(bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses a dtype name for model weights.
+fn parse_dtype(s: &str) -> anyhow::Result<candle_core::DType> {
+    match s {
+        "f32" | "float32" => Ok(candle_core::DType::F32),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        other => anyhow::bail!("unknown dtype `{other}`; expected f32 or bf16"),
+    }
+}

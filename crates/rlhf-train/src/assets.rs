@@ -1,0 +1,43 @@
+//! Data embedded in the binary, so that benchmarks and the quickstart need no download.
+
+use std::path::Path;
+
+use rlhf_models::Tokenizer;
+
+use crate::error::Result;
+
+/// The GPT-2 tokenizer (`tokenizer.json`, 50,257 tokens).
+pub const GPT2_TOKENIZER_JSON: &str = include_str!("../../../fixtures/tiny-gpt2/tokenizer.json");
+
+/// 512 short prompts (`query` column), 8–16 GPT-2 tokens each.
+pub const PPO_PROMPTS_JSONL: &str = include_str!("../../../fixtures/data/ppo_prompts.jsonl");
+
+/// The embedded GPT-2 tokenizer.
+pub fn gpt2_tokenizer() -> Result<Tokenizer> {
+    Ok(Tokenizer::from_json(
+        GPT2_TOKENIZER_JSON.to_string(),
+        Path::new("<embedded gpt2 tokenizer.json>"),
+        None,
+        None,
+    )?)
+}
+
+/// The `query` texts of the embedded prompt set, in file order.
+pub fn ppo_prompts() -> Vec<String> {
+    PPO_PROMPTS_JSONL
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("query").and_then(|q| q.as_str()).map(str::to_string))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_assets_parse() {
+        assert_eq!(ppo_prompts().len(), 512);
+        assert_eq!(gpt2_tokenizer().unwrap().vocab_size(), 50257);
+    }
+}

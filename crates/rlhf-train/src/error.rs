@@ -1,0 +1,43 @@
+//! Errors of data loading and training.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading data or training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A data row is malformed or lacks a required column.
+    #[error("{}: row {row}: {msg}", path.display())]
+    Row {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based row (line) number.
+        row: usize,
+        /// What was expected and how to fix it.
+        msg: String,
+    },
+    /// A data set is unusable as a whole (empty, every row dropped, unknown format).
+    #[error("{}: {msg}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        msg: String,
+    },
+    /// A model error.
+    #[error(transparent)]
+    Model(#[from] rlhf_models::ModelError),
+    /// A tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;
