@@ -14,6 +14,10 @@ use serde_json::json;
 pub enum Workload {
     /// f32 and bf16 matrix products (1024³ and 4096×768×768) through candle's matmul.
     Gemm,
+    /// One reward-model step on 8 pairs (max_length 128), tiny GPT-2.
+    RewardTiny,
+    /// One reward-model step on 8 pairs (max_length 128), GPT-2-small shape.
+    RewardSmall,
     /// 16 prompts × 64 sampled tokens with the KV cache, GPT-2-small shape.
     GenerateSmall,
 }
@@ -32,6 +36,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.workload {
         Workload::Gemm => gemm(a.steps.unwrap_or(10)),
         Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
+        Workload::RewardTiny => reward("reward-tiny", Gpt2Config::tiny(), 3, a.steps.unwrap_or(20)),
+        Workload::RewardSmall => reward("reward-small", Gpt2Config::small(), 2, a.steps.unwrap_or(5)),
     }
 }
 
@@ -136,6 +142,65 @@ fn generate_small(steps: usize) -> anyhow::Result<()> {
         json!({"workload": "generate-small", "seconds_per_step": median, "min": min, "max": max,
             "throughput": tokens as f64 / median, "unit": "tokens/s", "peak_rss_mib": peak_rss_mib(),
             "threads": threads(), "dtype": "f32", "batch": prompts.len(), "new_tokens": 64})
+    );
+    Ok(())
+}
+
+/// A reward-model training step as `RewardTrainer` runs it: 8 pairs in file order,
+/// tokenised with EOS, dropped if longer than 128; forward over [chosen; rejected],
+/// Bradley–Terry loss, backward, AdamW (lr 5e-4), dropout 0.1 as the config says.
+fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::Result<()> {
+    use rlhf_models::Fwd;
+    use rlhf_train::optim::{AdamConfig, AdamW, Grads};
+    use rlhf_train::reward::{pair_loss, Pair};
+    let mut model = Model::random(cfg, 0, DType::F32, &Device::Cpu)?;
+    model.set_tokenizer(rlhf_train::assets::gpt2_tokenizer()?);
+    model.ensure_score_head(0)?;
+    model.set_trainable(true)?;
+    let tok = model.tokenizer()?.clone();
+    let enc = |p: &str, r: &str| -> anyhow::Result<Vec<u32>> {
+        let mut ids = tok.encode(&format!("{p}{r}"))?;
+        ids.push(tok.eos_token_id);
+        Ok(ids)
+    };
+    let mut pairs = Vec::new();
+    for (p, c, r) in rlhf_train::assets::prefs_train() {
+        let (chosen, rejected) = (enc(&p, &c)?, enc(&p, &r)?);
+        if chosen.len() <= 128 && rejected.len() <= 128 {
+            pairs.push(Pair {
+                chosen,
+                rejected,
+                margin: None,
+            });
+        }
+    }
+    let params: Vec<_> = model
+        .named_params()
+        .into_iter()
+        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
+        .collect();
+    let mut opt = AdamW::new(params, AdamConfig::default());
+    let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
+    let mut rng = RngStream::new(0);
+    let mut step = 0usize;
+    let mut tokens = 0usize;
+    let times = time_steps(warmup, steps, || {
+        let batch: Vec<&Pair> = (0..8).map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
+        step += 1;
+        tokens = batch.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
+        let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut rng))?;
+        let mut grads = Grads::new(vars.len());
+        grads.add(&vars.iter().collect::<Vec<_>>(), &out.loss.backward()?)?;
+        grads.clip(1.0);
+        opt.step(&grads, 5e-4)?;
+        Ok(())
+    })?;
+    let (median, min, max) = stats(times);
+    println!(
+        "{}",
+        json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
+            "throughput": 8.0 / median, "unit": "pairs/s", "peak_rss_mib": peak_rss_mib(),
+            "threads": threads(), "dtype": "f32", "tokens_last_step": tokens})
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -20,16 +21,30 @@ enum Command {
     Generate(generate::Args),
     /// Score texts or preference pairs with a reward model directory.
     Score(score::Args),
+    /// Supervised fine-tuning of a causal LM (TRL SFTTrainer).
+    Sft(train::Args),
+    /// Train a reward model on preference pairs (TRL RewardTrainer).
+    Reward(train::Args),
     /// Run a benchmark workload and print its timings as JSON.
     Bench(bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sft(a) => train::sft(a),
+        Command::Reward(a) => train::reward(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

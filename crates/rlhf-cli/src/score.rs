@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use rlhf_models::{LoadOptions, Model};
-use rlhf_train::data::read_jsonl;
+use rlhf_train::data::read_data;
 use rlhf_train::score::{pair_accuracy, score_rows, Scored};
 
 /// Arguments of `rlhf score`.
@@ -13,7 +13,7 @@ pub struct Args {
     /// Reward-model directory (GPT2ForSequenceClassification layout, e.g. `rlhf reward` output).
     #[arg(long)]
     model: PathBuf,
-    /// JSONL rows: `text`, or `prompt` + `response`, or `prompt`/`chosen`/`rejected`.
+    /// JSONL, CSV or Parquet rows: `text`, or `prompt` + `response`, or `prompt`/`chosen`/`rejected`.
     #[arg(long)]
     data: PathBuf,
     /// Sequences per forward pass.
@@ -34,7 +34,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.model.display()
         );
     }
-    let rows = read_jsonl(&a.data)?;
+    let rows = read_data(&a.data)?;
     let scored = score_rows(&model, &rows, a.batch_size)?;
     for (row, s) in scored.iter().enumerate() {
         match (s, a.json) {

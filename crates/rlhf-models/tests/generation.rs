@@ -34,7 +34,13 @@ fn greedy(n: usize) -> GenerationConfig {
 fn greedy_with_cache_equals_argmax_of_the_full_forward() {
     let model = tiny();
     let prompt = prompts(&model).remove(1);
-    let out = generate(&model.gpt2, std::slice::from_ref(&prompt), &greedy(12), &mut RngStream::new(0)).unwrap();
+    let out = generate(
+        &model.gpt2,
+        std::slice::from_ref(&prompt),
+        &greedy(12),
+        &mut RngStream::new(0),
+    )
+    .unwrap();
     let resp = &out.response_ids[0];
     assert_eq!(resp.len(), 12);
     let mut seq = prompt.clone();
@@ -66,7 +72,13 @@ fn batched_left_padded_generation_equals_one_by_one() {
     let ps = prompts(&model);
     let batched = generate(&model.gpt2, &ps, &greedy(10), &mut RngStream::new(0)).unwrap();
     for (i, p) in ps.iter().enumerate() {
-        let single = generate(&model.gpt2, std::slice::from_ref(p), &greedy(10), &mut RngStream::new(0)).unwrap();
+        let single = generate(
+            &model.gpt2,
+            std::slice::from_ref(p),
+            &greedy(10),
+            &mut RngStream::new(0),
+        )
+        .unwrap();
         assert_eq!(batched.response_ids[i], single.response_ids[0], "row {i}");
         assert_eq!(&batched.prompt_ids[i], p);
     }

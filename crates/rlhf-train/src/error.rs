@@ -31,9 +31,21 @@ pub enum TrainError {
         /// What is wrong and how to fix it.
         msg: String,
     },
+    /// A checkpoint is incomplete or does not match the run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// A configuration value is unknown, of the wrong type, or out of range.
+    #[error("{0}")]
+    Config(String),
+    /// Training diverged (NaN or infinite loss, reward or gradient).
+    #[error("{0}")]
+    Diverged(String),
     /// A model error.
     #[error(transparent)]
     Model(#[from] rlhf_models::ModelError),
+    /// A loss or PPO-math error.
+    #[error(transparent)]
+    Ops(#[from] rlhf_ops::ppo::PpoError),
     /// A tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

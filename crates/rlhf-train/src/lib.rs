@@ -2,10 +2,16 @@
 #![warn(missing_docs)]
 
 pub mod assets;
+pub mod checkpoint;
 pub mod collate;
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod optim;
+pub mod reward;
 pub mod score;
+pub mod sft;
+pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use rlhf_models as models;

@@ -49,8 +49,9 @@ pub fn logprobs_from_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
         });
     }
     let index = labels.unsqueeze(D::Minus1)?.contiguous()?;
+    let logits = logits.contiguous()?;
     let picked = logits.gather(&index, D::Minus1)?;
-    Ok((picked - logsumexp_keepdim(logits)?)?.squeeze(D::Minus1)?)
+    Ok((picked - logsumexp_keepdim(&logits)?)?.squeeze(D::Minus1)?)
 }
 
 /// Entropy of the softmax distribution at every position,

@@ -1,0 +1,50 @@
+//! `rlhf sft` and `rlhf reward`: a TOML config and/or `--key value` flags with TRL's names.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use rlhf_train::config::{parse_flags, read_toml, resolve};
+
+/// Arguments of the training commands: `--config FILE` and any config key as a flag.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Config keys as flags, e.g. `--config reward.toml --learning-rate 1e-4 --max-steps 100`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "--KEY VALUE")]
+    rest: Vec<String>,
+}
+
+/// Merges `--config FILE` (if given) with the other flags, flags winning.
+fn values(a: &Args) -> anyhow::Result<(serde_json::Map<String, serde_json::Value>, String)> {
+    let mut flags = parse_flags(&a.rest)?;
+    let mut source = "flags".to_string();
+    let mut merged = serde_json::Map::new();
+    if let Some(path) = flags.remove("config") {
+        let path = PathBuf::from(path.as_str().context("--config needs a file path")?);
+        merged = read_toml(&path)?;
+        source = path.display().to_string();
+    }
+    merged.extend(flags);
+    Ok((merged, source))
+}
+
+pub fn reward(a: Args) -> anyhow::Result<()> {
+    let (v, source) = values(&a)?;
+    let cfg: rlhf_train::reward::RewardConfig = resolve(&v, &source)?;
+    let out = rlhf_train::reward::train(&cfg)?;
+    println!("reward model saved to {}", out.final_dir.display());
+    if let Some(m) = out.eval {
+        println!("eval accuracy {:.4}  eval loss {:.4}", m["accuracy"], m["loss"]);
+    }
+    Ok(())
+}
+
+pub fn sft(a: Args) -> anyhow::Result<()> {
+    let (v, source) = values(&a)?;
+    let cfg: rlhf_train::sft::SftConfig = resolve(&v, &source)?;
+    let out = rlhf_train::sft::train(&cfg)?;
+    println!("model saved to {}", out.final_dir.display());
+    if let Some(m) = out.eval {
+        println!("eval loss {:.4}", m["loss"]);
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The run directory: resolved `config.toml`, `metrics.jsonl`, atomic `checkpoint-<step>/`
+//! directories (written under a temporary name, then renamed), rotation, and resume.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::error::{Result, TrainError};
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A training run's output directory.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    /// The directory.
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates (or reopens) `root`. A directory that already holds a run is refused unless
+    /// `overwrite` (its checkpoints and metrics are then removed) or `resuming`.
+    pub fn prepare(root: &Path, overwrite: bool, resuming: bool) -> Result<Self> {
+        let holds_run = root.join("metrics.jsonl").exists() || root.join("config.toml").exists();
+        if holds_run && !resuming {
+            if !overwrite {
+                return Err(TrainError::Data {
+                    path: root.to_path_buf(),
+                    msg: "the output directory already holds a run\n\
+                          hint: pass --overwrite-output-dir to replace it, --resume-from-checkpoint latest to continue it, \
+                          or choose another --output-dir"
+                        .into(),
+                });
+            }
+            for entry in std::fs::read_dir(root).map_err(io(root))? {
+                let p = entry.map_err(io(root))?.path();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                if name.starts_with("checkpoint-") || name == "final" || name == "plots" {
+                    std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                } else if name == "metrics.jsonl" || name == "config.toml" {
+                    std::fs::remove_file(&p).map_err(io(&p))?;
+                }
+            }
+        }
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Writes the resolved config.
+    pub fn write_config(&self, toml: &str) -> Result<()> {
+        write_atomic(&self.root.join("config.toml"), toml.as_bytes())
+    }
+
+    /// Appends one metrics object to `metrics.jsonl`.
+    pub fn log(&self, obj: &Value) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        writeln!(f, "{obj}").map_err(io(&path))
+    }
+
+    /// Drops metrics lines logged after `step` (used when resuming from a checkpoint).
+    pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(Value::as_u64))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())
+    }
+
+    /// Completed checkpoints, oldest first.
+    pub fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+                let p = e.path();
+                p.join("trainer_state.json").is_file().then_some((step, p))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Resolves `--resume-from-checkpoint`: `latest` or a path.
+    pub fn resolve_checkpoint(&self, spec: &str) -> Result<PathBuf> {
+        if spec == "latest" {
+            return self
+                .checkpoints()
+                .pop()
+                .map(|(_, p)| p)
+                .ok_or_else(|| TrainError::Data {
+                    path: self.root.clone(),
+                    msg: "no complete checkpoint-<step>/ to resume from".into(),
+                });
+        }
+        let p = PathBuf::from(spec);
+        if p.join("trainer_state.json").is_file() {
+            Ok(p)
+        } else {
+            Err(TrainError::Data {
+                path: p,
+                msg: "not a checkpoint directory (no trainer_state.json)".into(),
+            })
+        }
+    }
+
+    /// Writes `checkpoint-<step>/` atomically: `write` fills a temporary directory, which is
+    /// then renamed into place; afterwards only the newest `limit` checkpoints are kept.
+    /// If anything fails, earlier checkpoints are untouched.
+    pub fn save_checkpoint(
+        &self,
+        step: u64,
+        limit: Option<usize>,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let dst = self.root.join(format!("checkpoint-{step}"));
+        let tmp = self.root.join(format!(".checkpoint-{step}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        if let Err(e) = write(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
+        }
+        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+        if let Some(limit) = limit.filter(|&l| l > 0) {
+            let all = self.checkpoints();
+            for (_, p) in all.iter().take(all.len().saturating_sub(limit)) {
+                std::fs::remove_dir_all(p).map_err(io(p))?;
+            }
+        }
+        Ok(dst)
+    }
+}
+
+/// Writes a file via a temporary name and a rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Saves named tensors to a safetensors file.
+pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    Ok(rlhf_models::weights::save_safetensors(tensors, path)?)
+}
+
+/// Loads every tensor of a safetensors file (f32).
+pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: tensor `{name}` is not f32",
+                path.display()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(view.data(), candle_core::DType::F32, view.shape(), &Device::Cpu)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}

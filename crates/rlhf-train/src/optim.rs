@@ -1,0 +1,358 @@
+//! Optimizers and schedules: Adam / AdamW as `torch.optim` computes them, one fused pass
+//! over each parameter buffer; the linear warm-up schedule of transformers; global-norm
+//! gradient clipping; gradient accumulation across micro-batches.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use rayon::prelude::*;
+
+use crate::error::{Result, TrainError};
+
+/// Hyper-parameters of Adam / AdamW (`torch.optim.AdamW` defaults, HF `TrainingArguments`
+/// names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamConfig {
+    /// β₁ (`adam_beta1`).
+    pub beta1: f64,
+    /// β₂ (`adam_beta2`).
+    pub beta2: f64,
+    /// ε (`adam_epsilon`).
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW; 0 = Adam).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Whether transformers' `Trainer` applies weight decay to a parameter: not to biases and
+/// not to layer norms (`get_decay_parameter_names`).
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with("bias") || name.split('.').any(|s| s.starts_with("ln_") || s.contains("norm")))
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Adam with decoupled weight decay (Loshchilov & Hutter 2019), exactly torch's update:
+/// `p -= lr·wd·p; m = β₁m + (1-β₁)g; v = β₂v + (1-β₂)g²;
+/// p -= lr/(1-β₁ᵗ) · m / (sqrt(v)/sqrt(1-β₂ᵗ) + ε)`. With `weight_decay = 0` this is Adam
+/// (TRL's PPO default).
+pub struct AdamW {
+    cfg: AdamConfig,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+impl AdamW {
+    /// An optimizer over named variables; weight decay follows [`decays`].
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|(name, var)| {
+                let n = var.elem_count();
+                Slot {
+                    decay: decays(&name),
+                    name,
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
+            })
+            .collect();
+        Self { cfg, slots, step: 0 }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the optimised parameters, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The variables, in order.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.slots.iter().map(|s| &s.var).collect()
+    }
+
+    /// Number of optimised scalars.
+    pub fn num_params(&self) -> usize {
+        self.slots.iter().map(|s| s.m.len()).sum()
+    }
+
+    /// One update with learning rate `lr` from accumulated gradients (aligned with the
+    /// parameters; `None` = no gradient, the parameter is left alone as torch does).
+    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let c = &self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let step_size = (lr / bc1) as f32;
+        let inv_bc2 = (1.0 / bc2_sqrt) as f32;
+        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
+            let Some(g) = g else { continue };
+            let decay = if slot.decay {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
+            let t = slot.var.as_tensor();
+            let mut p = t.flatten_all()?.to_vec1::<f32>()?;
+            p.par_chunks_mut(4096)
+                .zip(slot.m.par_chunks_mut(4096))
+                .zip(slot.v.par_chunks_mut(4096))
+                .zip(g.par_chunks(4096))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..p.len() {
+                        let gi = g[i];
+                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        let denom = v[i].sqrt() * inv_bc2 + eps;
+                        p[i] = p[i] * decay - step_size * m[i] / denom;
+                    }
+                });
+            let new = Tensor::from_vec(p, t.shape(), t.device())?.to_dtype(t.dtype())?;
+            slot.var.set(&new)?;
+        }
+        Ok(())
+    }
+
+    /// The moment buffers and step count, for a checkpoint.
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(
+                format!("{}.exp_avg", s.name),
+                Tensor::new(s.m.as_slice(), &Device::Cpu)?,
+            );
+            out.insert(
+                format!("{}.exp_avg_sq", s.name),
+                Tensor::new(s.v.as_slice(), &Device::Cpu)?,
+            );
+        }
+        out.insert("step".into(), Tensor::new(&[self.step as f32], &Device::Cpu)?);
+        Ok(out)
+    }
+
+    /// Restores what [`AdamW::state`] saved; every buffer must be present with its size.
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str, n: usize| -> Result<Vec<f32>> {
+            let t = state
+                .get(k)
+                .ok_or_else(|| TrainError::Checkpoint(format!("optimizer state has no `{k}`")))?;
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if v.len() != n {
+                return Err(TrainError::Checkpoint(format!(
+                    "optimizer state `{k}` has {} values, expected {n}",
+                    v.len()
+                )));
+            }
+            Ok(v)
+        };
+        for s in &mut self.slots {
+            let n = s.m.len();
+            s.m = get(&format!("{}.exp_avg", s.name), n)?;
+            s.v = get(&format!("{}.exp_avg_sq", s.name), n)?;
+        }
+        self.step = get("step", 1)?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Gradients summed over micro-batches, aligned with an optimizer's parameters.
+pub struct Grads {
+    /// One buffer per parameter (`None` until a gradient arrives).
+    pub sums: Vec<Option<Vec<f32>>>,
+}
+
+impl Grads {
+    /// Empty sums for `n` parameters.
+    pub fn new(n: usize) -> Self {
+        Self { sums: vec![None; n] }
+    }
+
+    /// Adds the gradients of `vars` from one backward pass.
+    pub fn add(&mut self, vars: &[&Var], store: &GradStore) -> Result<()> {
+        for (sum, var) in self.sums.iter_mut().zip(vars) {
+            let Some(g) = store.get(var.as_tensor()) else { continue };
+            let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            match sum {
+                Some(s) => s.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                None => *sum = Some(g),
+            }
+        }
+        Ok(())
+    }
+
+    /// The global L2 norm of all gradients.
+    pub fn norm(&self) -> f64 {
+        self.sums
+            .iter()
+            .flatten()
+            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm` (torch's
+    /// `clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)`, capped at 1). Returns the
+    /// norm before clipping, which is what transformers logs as `grad_norm`.
+    pub fn clip(&mut self, max_norm: f64) -> f64 {
+        let norm = self.norm();
+        if max_norm > 0.0 {
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                let c = coef as f32;
+                self.sums
+                    .iter_mut()
+                    .flatten()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+            }
+        }
+        norm
+    }
+
+    /// Whether any gradient is NaN or infinite.
+    pub fn non_finite(&self) -> bool {
+        self.sums.iter().flatten().any(|g| g.iter().any(|x| !x.is_finite()))
+    }
+}
+
+/// transformers' `get_linear_schedule_with_warmup`: the factor rises linearly from 0 to 1
+/// over `warmup` steps, then falls linearly to 0 at `total`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearSchedule {
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// Total optimizer steps.
+    pub total: u64,
+}
+
+impl LinearSchedule {
+    /// The learning-rate factor at optimizer step `step` (0-based).
+    pub fn factor(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return step as f64 / self.warmup.max(1) as f64;
+        }
+        let rest = self.total.saturating_sub(self.warmup).max(1) as f64;
+        (self.total.saturating_sub(step) as f64 / rest).max(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_skips_biases_and_layer_norms() {
+        assert!(decays("transformer.h.0.attn.c_attn.weight"));
+        assert!(decays("score.weight"));
+        assert!(!decays("transformer.h.0.attn.c_attn.bias"));
+        assert!(!decays("transformer.h.0.ln_1.weight"));
+        assert!(!decays("transformer.ln_f.weight"));
+    }
+
+    #[test]
+    fn adam_first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
+        // With bias correction, step 1 is p -= lr * g / (|g| + eps) ≈ lr * sign(g).
+        let var = Var::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], AdamConfig::default());
+        let grads = Grads {
+            sums: vec![Some(vec![0.5, -4.0, 0.0])],
+        };
+        opt.step(&grads, 0.1).unwrap();
+        let p = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert!(
+            (p[0] - 0.9).abs() < 1e-6 && (p[1] + 1.9).abs() < 1e-6 && p[2] == 3.0,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn adamw_matches_torch_over_three_steps() {
+        // torch.optim.AdamW([p], lr=0.01, weight_decay=0.1) with grads g_t = [t, -t/2]:
+        let var = Var::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
+        let cfg = AdamConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg);
+        let (mut p, mut m, mut v) = ([0.5f64, -1.0], [0.0f64; 2], [0.0f64; 2]);
+        for t in 1..=3 {
+            let g = [t as f64, -(t as f64) / 2.0];
+            opt.step(
+                &Grads {
+                    sums: vec![Some(g.iter().map(|&x| x as f32).collect())],
+                },
+                0.01,
+            )
+            .unwrap();
+            for i in 0..2 {
+                p[i] *= 1.0 - 0.01 * 0.1;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                let denom = v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+                p[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
+            }
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_and_reports_the_norm_before() {
+        let mut g = Grads {
+            sums: vec![Some(vec![3.0, 4.0]), None],
+        };
+        let norm = g.clip(1.0);
+        assert!((norm - 5.0).abs() < 1e-9);
+        assert!((g.norm() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn linear_schedule_warms_up_then_decays_to_zero() {
+        let s = LinearSchedule { warmup: 2, total: 6 };
+        let f: Vec<f64> = (0..7).map(|k| s.factor(k)).collect();
+        assert_eq!(f, vec![0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], AdamConfig::default());
+        opt.step(
+            &Grads {
+                sums: vec![Some(vec![0.1, 0.2])],
+            },
+            0.1,
+        )
+        .unwrap();
+        let st = opt.state().unwrap();
+        let mut other = AdamW::new(vec![("w".into(), var)], AdamConfig::default());
+        other.load_state(&st).unwrap();
+        assert_eq!(other.steps(), 1);
+        assert_eq!(other.slots[0].m, opt.slots[0].m);
+    }
+}

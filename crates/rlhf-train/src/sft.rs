@@ -1,0 +1,296 @@
+//! Supervised fine-tuning: TRL's `SFTTrainer` / `SFTConfig` (1.x defaults) for a causal LM.
+//!
+//! Stages: 1. config and model, 2. data (`prompt` + `completion`, or `text`; EOS appended;
+//! rows longer than `max_length` dropped and counted), 3. the loop (next-token cross
+//! entropy, on completion tokens only when `completion_only_loss`), 4. evaluation,
+//! 5. checkpoints and the final `GPT2LMHeadModel` directory.
+//!
+//! The loss of one optimizer step is the mean over every label token of all its
+//! micro-batches (transformers' `num_items_in_batch` normalisation), so gradient
+//! accumulation gives the same update as one large batch.
+//!
+//! Deviations from TRL 1.x: rows longer than `max_length` are dropped (TRL truncates);
+//! `packing` is not supported; f32 instead of bf16; no gradient checkpointing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor, D};
+use rlhf_models::{Fwd, LoadOptions, Model};
+use rlhf_ops::ppo::logprobs_from_logits;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::RunDir;
+use crate::collate::{pad, PadSide};
+use crate::data::{read_data, Rows};
+use crate::error::{Result, TrainError};
+use crate::optim::Grads;
+use crate::trainer::{DataPaths, TrainLoop, TrainingArgs};
+
+/// `SFTConfig`: TRL's names and 1.x defaults (deviations in the module docs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SftConfig {
+    /// Model directory (a GPT-2 causal LM).
+    pub model_name_or_path: String,
+    /// Training data (JSONL, CSV or Parquet).
+    pub train_file: Option<String>,
+    /// Evaluation data.
+    pub eval_file: Option<String>,
+    /// A directory with `train.*` and optionally `validation.*`.
+    pub dataset_name: Option<String>,
+    /// Column with the whole text when there is no `prompt` / `completion`.
+    pub dataset_text_field: String,
+    /// Rows longer than this (tokens, EOS included) are dropped.
+    pub max_length: Option<usize>,
+    /// Loss on completion tokens only (default: yes when rows have a prompt).
+    pub completion_only_loss: Option<bool>,
+    /// Shared training settings.
+    #[serde(flatten)]
+    pub args: TrainingArgs,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            model_name_or_path: String::new(),
+            train_file: None,
+            eval_file: None,
+            dataset_name: None,
+            dataset_text_field: "text".into(),
+            max_length: Some(1024),
+            completion_only_loss: None,
+            args: TrainingArgs {
+                output_dir: "runs/sft".into(),
+                learning_rate: 2e-5,
+                logging_steps: 10,
+                ..TrainingArgs::default()
+            },
+        }
+    }
+}
+
+/// One tokenised example: ids and which positions are trained on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    /// prompt + completion + EOS (or text + EOS).
+    pub ids: Vec<u32>,
+    /// 1 where the token is a label (predicted from the tokens before it).
+    pub labels: Vec<u8>,
+}
+
+/// Tokenises SFT rows; rows longer than `max_length` are dropped and counted.
+pub fn prepare_examples(model: &Model, rows: &Rows, cfg: &SftConfig) -> Result<(Vec<Example>, usize)> {
+    let tok = model.tokenizer()?;
+    let limit = cfg.max_length.unwrap_or(usize::MAX).min(model.cfg().n_positions);
+    let (mut out, mut dropped) = (Vec::with_capacity(rows.len()), 0);
+    for i in 0..rows.len() {
+        let (mut ids, prompt_len) = if rows.has(i, "prompt") || rows.has(i, "completion") {
+            let prompt = tok.encode(rows.text(i, "prompt")?)?;
+            let completion = tok.encode(rows.text(i, "completion")?)?;
+            let only = cfg.completion_only_loss.unwrap_or(true);
+            let n = if only { prompt.len() } else { 0 };
+            ([prompt, completion].concat(), n)
+        } else {
+            (tok.encode(rows.text(i, &cfg.dataset_text_field)?)?, 0)
+        };
+        if ids.last() != Some(&tok.eos_token_id) {
+            ids.push(tok.eos_token_id);
+        }
+        if ids.len() > limit {
+            dropped += 1;
+            continue;
+        }
+        let labels = (0..ids.len()).map(|t| u8::from(t >= prompt_len.max(1))).collect();
+        out.push(Example { ids, labels });
+    }
+    if out.is_empty() {
+        return Err(TrainError::Data {
+            path: rows.path.clone(),
+            msg: format!(
+                "every one of the {} rows is longer than max_length ({limit} tokens) and was dropped\n\
+                 hint: raise max_length (at most the model's n_positions)",
+                rows.len()
+            ),
+        });
+    }
+    Ok((out, dropped))
+}
+
+/// Summed next-token negative log-likelihood over label tokens, the number of label
+/// tokens, and how many of them the argmax predicts.
+pub struct NllOutput {
+    /// Sum of `-log p(label)` (scalar, differentiable).
+    pub nll_sum: Tensor,
+    /// Label tokens.
+    pub tokens: usize,
+    /// Label tokens the argmax predicts.
+    pub correct: usize,
+}
+
+/// Causal-LM loss pieces of a batch (right-padded; position `t` predicts token `t + 1`).
+pub fn batch_nll(model: &Model, batch: &[&Example], fwd: &mut Fwd) -> Result<NllOutput> {
+    let seqs: Vec<Vec<u32>> = batch.iter().map(|e| e.ids.clone()).collect();
+    let pad_id = model.tokenizer()?.pad_token_id;
+    let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, model.gpt2.device())?;
+    let t = ids.dim(1)?;
+    let logits = model.logits(&ids, &mask, fwd)?.narrow(1, 0, t - 1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    let lw: Vec<f32> = batch
+        .iter()
+        .flat_map(|e| (1..t).map(move |k| e.labels.get(k).map_or(0.0, |&l| f32::from(l))))
+        .collect();
+    let tokens = lw.iter().filter(|&&w| w > 0.0).count();
+    let weights = Tensor::from_vec(lw, (batch.len(), t - 1), ids.device())?;
+    let logp = logprobs_from_logits(&logits, &targets)?;
+    let nll_sum = (logp * &weights)?.sum_all()?.neg()?;
+    let pred = logits.argmax(D::Minus1)?;
+    let correct = (pred.eq(&targets)?.to_dtype(DType::F32)? * &weights)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
+    Ok(NllOutput {
+        nll_sum,
+        tokens,
+        correct,
+    })
+}
+
+/// Mean token loss and accuracy over a data set, without dropout or gradients.
+pub fn evaluate(model: &Model, examples: &[Example], batch: usize) -> Result<BTreeMap<String, f64>> {
+    let (mut nll, mut tokens, mut correct) = (0.0, 0usize, 0usize);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let out = batch_nll(model, &refs, &mut Fwd::eval())?;
+        nll += out.nll_sum.to_scalar::<f32>()? as f64;
+        tokens += out.tokens;
+        correct += out.correct;
+    }
+    let n = tokens.max(1) as f64;
+    Ok(BTreeMap::from([
+        ("loss".into(), nll / n),
+        ("mean_token_accuracy".into(), correct as f64 / n),
+    ]))
+}
+
+/// What a training run produced.
+pub struct SftOutcome {
+    /// The trained model.
+    pub model: Model,
+    /// `output_dir/final`.
+    pub final_dir: PathBuf,
+    /// The last evaluation metrics, if evaluation ran.
+    pub eval: Option<BTreeMap<String, f64>>,
+}
+
+/// Fine-tunes a causal LM as `SFTTrainer.train()` does.
+pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
+    // 1. config, run directory and model
+    let args = &cfg.args;
+    args.validate()?;
+    let run = RunDir::prepare(
+        Path::new(&args.output_dir),
+        args.overwrite_output_dir,
+        args.resume_from_checkpoint.is_some(),
+    )?;
+    let resume = args
+        .resume_from_checkpoint
+        .as_deref()
+        .map(|s| run.resolve_checkpoint(s))
+        .transpose()?;
+    if cfg.model_name_or_path.is_empty() && resume.is_none() {
+        return Err(TrainError::Config(
+            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
+        ));
+    }
+    let model_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
+    let mut model = Model::load(&model_dir, &LoadOptions::default())?;
+    if args.disable_dropout {
+        model.gpt2.cfg.disable_dropout();
+    }
+    model.set_trainable(true)?;
+    run.write_config(&crate::config::to_toml(cfg)?)?;
+
+    // 2. data
+    let files = DataPaths::resolve(
+        cfg.train_file.as_deref(),
+        cfg.eval_file.as_deref(),
+        cfg.dataset_name.as_deref(),
+    )?;
+    let (train_ex, dropped) = prepare_examples(&model, &read_data(&files.train)?, cfg)?;
+    let eval_ex = match &files.validation {
+        Some(p) => Some(prepare_examples(&model, &read_data(p)?, cfg)?.0),
+        None => None,
+    };
+    let params: Vec<_> = model
+        .named_params()
+        .into_iter()
+        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
+        .collect();
+    let mut lp = TrainLoop::new(args.clone(), run, params, train_ex.len())?;
+    if dropped > 0 {
+        lp.println(format!(
+            "dropped {dropped} training rows longer than max_length ({:?} tokens)",
+            cfg.max_length
+        ));
+    }
+    lp.println(format!(
+        "sft: {} examples, {} steps, {} trainable parameters",
+        train_ex.len(),
+        lp.total_steps,
+        lp.opt.num_params()
+    ));
+    if let Some(ckpt) = &resume {
+        lp.resume(ckpt)?;
+    }
+
+    // 3. the loop: the step's loss is the mean over all its label tokens
+    let dropout = !args.disable_dropout;
+    let mut eval = None;
+    while !lp.done() {
+        let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
+        let var_refs: Vec<_> = vars.iter().collect();
+        let mut grads = Grads::new(vars.len());
+        let micro = lp.next_micro_batches();
+        let step_tokens: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| train_ex[i].labels.iter().skip(1).filter(|&&l| l == 1).count())
+            .sum();
+        let (mut nll, mut correct, mut samples) = (0.0, 0usize, 0usize);
+        for idx in &micro {
+            let batch: Vec<&Example> = idx.iter().map(|&i| &train_ex[i]).collect();
+            let mut rng = lp.dropout_rng();
+            let mut fwd = if dropout {
+                Fwd::train(&mut rng)
+            } else {
+                Fwd::eval_grad()
+            };
+            let out = batch_nll(&model, &batch, &mut fwd)?;
+            grads.add(&var_refs, &(&out.nll_sum / step_tokens.max(1) as f64)?.backward()?)?;
+            lp.set_dropout_rng(&rng);
+            nll += out.nll_sum.to_scalar::<f32>()? as f64;
+            correct += out.correct;
+            samples += batch.len();
+        }
+        let n = step_tokens.max(1) as f64;
+        let metrics = BTreeMap::from([
+            ("loss".to_string(), nll / n),
+            ("mean_token_accuracy".to_string(), correct as f64 / n),
+            ("num_tokens".to_string(), step_tokens as f64),
+        ]);
+        let report = lp.apply(grads, &metrics, samples)?;
+        // 4. evaluation
+        if report.evaluate {
+            if let Some(ex) = &eval_ex {
+                let m = evaluate(&model, ex, args.per_device_eval_batch_size)?;
+                lp.log_eval(&m)?;
+                eval = Some(m);
+            }
+        }
+        // 5. checkpoints
+        if report.save {
+            lp.save_checkpoint(&model)?;
+        }
+    }
+    let final_dir = lp.finish(&model)?;
+    Ok(SftOutcome { model, final_dir, eval })
+}

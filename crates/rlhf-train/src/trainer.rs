@@ -1,0 +1,529 @@
+//! The plumbing every trainer shares: `TrainingArguments`-style settings, the step plan
+//! (epochs, micro-batches, gradient accumulation), the optimizer and schedule, logging,
+//! evaluation and checkpoint cadence, NaN guards, and exact resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Var;
+use rlhf_models::Model;
+use rlhf_ops::rng::RngStream;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
+use crate::error::{Result, TrainError};
+use crate::optim::{AdamConfig, AdamW, Grads, LinearSchedule};
+
+/// transformers `TrainingArguments` fields shared by the SFT and reward trainers (same
+/// names; defaults set by each trainer's config).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainingArgs {
+    /// Where checkpoints, metrics and the final model go.
+    pub output_dir: String,
+    /// Replace a run already in `output_dir`.
+    pub overwrite_output_dir: bool,
+    /// `latest` or a `checkpoint-<step>` directory to continue from.
+    pub resume_from_checkpoint: Option<String>,
+    /// Sequences (pairs for reward models) per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Batch size for evaluation.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Decoupled weight decay (not on biases and layer norms).
+    pub weight_decay: f64,
+    /// Adam β₁.
+    pub adam_beta1: f64,
+    /// Adam β₂.
+    pub adam_beta2: f64,
+    /// Adam ε.
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    /// Epochs when `max_steps` is not positive.
+    pub num_train_epochs: f64,
+    /// Total optimizer steps (overrides epochs when > 0).
+    pub max_steps: i64,
+    /// `linear` or `constant`.
+    pub lr_scheduler_type: String,
+    /// Warm-up steps (wins over `warmup_ratio`).
+    pub warmup_steps: u64,
+    /// Warm-up as a fraction of all steps.
+    pub warmup_ratio: f64,
+    /// Log every this many optimizer steps.
+    pub logging_steps: u64,
+    /// `no`, `steps` or `epoch`.
+    pub eval_strategy: String,
+    /// Evaluate every this many steps (default: `logging_steps`).
+    pub eval_steps: Option<u64>,
+    /// `no`, `steps` or `epoch`.
+    pub save_strategy: String,
+    /// Checkpoint every this many steps.
+    pub save_steps: u64,
+    /// Keep only this many checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Seed of shuffling, dropout and head initialisation.
+    pub seed: u64,
+    /// Set every dropout probability to 0.
+    pub disable_dropout: bool,
+    /// Logs only, no progress bar.
+    pub quiet: bool,
+}
+
+impl Default for TrainingArgs {
+    /// transformers' `TrainingArguments` defaults.
+    fn default() -> Self {
+        Self {
+            output_dir: "runs/train".into(),
+            overwrite_output_dir: false,
+            resume_from_checkpoint: None,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: "linear".into(),
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            logging_steps: 500,
+            eval_strategy: "no".into(),
+            eval_steps: None,
+            save_strategy: "steps".into(),
+            save_steps: 500,
+            save_total_limit: None,
+            seed: 42,
+            disable_dropout: false,
+            quiet: false,
+        }
+    }
+}
+
+impl TrainingArgs {
+    /// Checks ranges and names, saying which key is wrong and how to fix it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, msg: String| Err(TrainError::Config(format!("config key `{k}`: {msg}")));
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad(
+                "learning_rate",
+                format!("must be a non-negative number, got {}", self.learning_rate),
+            );
+        }
+        for (k, v) in [
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+        ] {
+            if v == 0 {
+                return bad(k, "must be at least 1".into());
+            }
+        }
+        if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
+            return bad("max_steps", "set max_steps > 0 or num_train_epochs > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", format!("must be in [0, 1), got {}", self.warmup_ratio));
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
+            return bad("weight_decay", "weight_decay and max_grad_norm must be >= 0".into());
+        }
+        if !["linear", "constant"].contains(&self.lr_scheduler_type.as_str()) {
+            return bad(
+                "lr_scheduler_type",
+                format!("`{}` is not supported; use linear or constant", self.lr_scheduler_type),
+            );
+        }
+        for (k, v) in [
+            ("eval_strategy", &self.eval_strategy),
+            ("save_strategy", &self.save_strategy),
+        ] {
+            if !["no", "steps", "epoch"].contains(&v.as_str()) {
+                return bad(k, format!("`{v}`: expected no, steps or epoch"));
+            }
+        }
+        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
+            return bad(
+                "logging_steps",
+                "logging_steps, eval_steps and save_steps must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What happened in one optimizer step.
+pub struct StepReport {
+    /// Metrics were logged (the object written to `metrics.jsonl`).
+    pub logged: Option<Value>,
+    /// The caller should evaluate now.
+    pub evaluate: bool,
+    /// The caller should save a checkpoint now (after evaluating).
+    pub save: bool,
+}
+
+/// Everything a checkpoint must restore besides weights and optimizer moments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: u64,
+    /// Dropout stream.
+    pub dropout_seed: u64,
+    /// Dropout stream position.
+    pub dropout_counter: u64,
+    /// Metric sums since the last log.
+    pub accum: BTreeMap<String, f64>,
+    /// Steps since the last log.
+    pub accum_steps: u64,
+    /// Examples seen since the last log.
+    pub accum_samples: u64,
+}
+
+/// The shared training loop state: plan, optimizer, schedule, logging and checkpoints.
+pub struct TrainLoop {
+    /// Settings.
+    pub args: TrainingArgs,
+    /// The run directory.
+    pub run: RunDir,
+    /// The optimizer over the trainable parameters.
+    pub opt: AdamW,
+    /// Examples in the training set.
+    pub n_train: usize,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Total optimizer steps.
+    pub total_steps: u64,
+    /// Loop state saved in checkpoints.
+    pub state: TrainerState,
+    schedule: LinearSchedule,
+    progress: indicatif::ProgressBar,
+    last_log: Instant,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl TrainLoop {
+    /// Plans the run over `n_train` examples and builds the optimizer over `params`.
+    pub fn new(args: TrainingArgs, run: RunDir, params: Vec<(String, Var)>, n_train: usize) -> Result<Self> {
+        args.validate()?;
+        let batches = n_train.div_ceil(args.per_device_train_batch_size) as u64;
+        let ga = args.gradient_accumulation_steps as u64;
+        let steps_per_epoch = batches.div_ceil(ga).max(1);
+        let total_steps = if args.max_steps > 0 {
+            args.max_steps as u64
+        } else {
+            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1)
+        };
+        let warmup = if args.warmup_steps > 0 {
+            args.warmup_steps
+        } else {
+            (args.warmup_ratio * total_steps as f64).ceil() as u64
+        };
+        let cfg = AdamConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        };
+        let opt = AdamW::new(params, cfg);
+        let progress = if args.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let pb = indicatif::ProgressBar::new(total_steps);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            {
+                pb.set_style(style);
+            }
+            pb
+        };
+        let state = TrainerState {
+            global_step: 0,
+            dropout_seed: args.seed.wrapping_add(0x5EED),
+            dropout_counter: 0,
+            accum: BTreeMap::new(),
+            accum_steps: 0,
+            accum_samples: 0,
+        };
+        Ok(Self {
+            args,
+            run,
+            opt,
+            n_train,
+            steps_per_epoch,
+            total_steps,
+            state,
+            schedule: LinearSchedule {
+                warmup,
+                total: total_steps,
+            },
+            progress,
+            last_log: Instant::now(),
+            last_checkpoint: None,
+        })
+    }
+
+    /// Whether all steps are done.
+    pub fn done(&self) -> bool {
+        self.state.global_step >= self.total_steps
+    }
+
+    /// The learning rate of the next optimizer step.
+    pub fn lr(&self) -> f64 {
+        match self.args.lr_scheduler_type.as_str() {
+            "constant" => self.args.learning_rate,
+            _ => self.args.learning_rate * self.schedule.factor(self.state.global_step),
+        }
+    }
+
+    /// The micro-batches (example indices) of the next optimizer step: epoch `e` visits a
+    /// permutation seeded by `seed + e`; the last step of an epoch may have fewer.
+    pub fn next_micro_batches(&self) -> Vec<Vec<usize>> {
+        let s = self.state.global_step;
+        let epoch = s / self.steps_per_epoch;
+        let bs = self.args.per_device_train_batch_size;
+        let ga = self.args.gradient_accumulation_steps as u64;
+        let perm = permutation(self.n_train, self.args.seed.wrapping_add(epoch));
+        let first = (s % self.steps_per_epoch) * ga;
+        (first..first + ga)
+            .map(|b| b as usize * bs)
+            .filter(|&start| start < self.n_train)
+            .map(|start| perm[start..(start + bs).min(self.n_train)].to_vec())
+            .collect()
+    }
+
+    /// The dropout stream of the next micro-batch forward pass (`None` when dropout is off).
+    pub fn dropout_rng(&self) -> RngStream {
+        RngStream {
+            seed: self.state.dropout_seed,
+            counter: self.state.dropout_counter,
+        }
+    }
+
+    /// Records where the dropout stream stopped after a forward pass.
+    pub fn set_dropout_rng(&mut self, rng: &RngStream) {
+        self.state.dropout_counter = rng.counter;
+    }
+
+    /// Applies one optimizer step: NaN guard, clipping, update, schedule, metric
+    /// accumulation; logs every `logging_steps` and says whether to evaluate or save.
+    pub fn apply(&mut self, mut grads: Grads, metrics: &BTreeMap<String, f64>, samples: usize) -> Result<StepReport> {
+        let step = self.state.global_step + 1;
+        if metrics.values().any(|v| !v.is_finite()) || grads.non_finite() {
+            let bad: Vec<String> = metrics
+                .iter()
+                .filter(|(_, v)| !v.is_finite())
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect();
+            return Err(TrainError::Diverged(format!(
+                "step {step}: non-finite {} — stopping without saving this state\n\
+                 last good checkpoint: {}\n\
+                 hint: lower the learning rate, enable max_grad_norm, or check the data and reward scale",
+                if bad.is_empty() {
+                    "gradient".to_string()
+                } else {
+                    bad.join(", ")
+                },
+                self.last_checkpoint
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string()),
+            )));
+        }
+        let grad_norm = grads.clip(self.args.max_grad_norm);
+        let lr = self.lr();
+        self.opt.step(&grads, lr)?;
+        self.state.global_step = step;
+        for (k, v) in metrics {
+            *self.state.accum.entry(k.clone()).or_default() += v;
+        }
+        self.state.accum_steps += 1;
+        self.state.accum_samples += samples as u64;
+        self.progress.set_position(step);
+        let epoch_end = step % self.steps_per_epoch == 0;
+        let last = step >= self.total_steps;
+        let mut logged = None;
+        if step % self.args.logging_steps == 0 || last {
+            let n = self.state.accum_steps.max(1) as f64;
+            let mut obj = Map::new();
+            obj.insert("step".into(), json!(step));
+            obj.insert("epoch".into(), json!(step as f64 / self.steps_per_epoch as f64));
+            for (k, v) in std::mem::take(&mut self.state.accum) {
+                obj.insert(k, json!(v / n));
+            }
+            obj.insert("grad_norm".into(), json!(grad_norm));
+            obj.insert("learning_rate".into(), json!(self.lr()));
+            let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
+            obj.insert(
+                "samples_per_second".into(),
+                json!(self.state.accum_samples as f64 / secs),
+            );
+            self.state.accum_steps = 0;
+            self.state.accum_samples = 0;
+            self.last_log = Instant::now();
+            let obj = Value::Object(obj);
+            self.progress.set_message(progress_message(&obj));
+            if self.args.quiet {
+                eprintln!("{obj}");
+            }
+            self.run.log(&obj)?;
+            logged = Some(obj);
+        }
+        let every = |strategy: &str, n: u64| match strategy {
+            "steps" => step % n == 0,
+            "epoch" => epoch_end,
+            _ => false,
+        };
+        let evaluate = every(
+            &self.args.eval_strategy,
+            self.args.eval_steps.unwrap_or(self.args.logging_steps),
+        ) || (last && self.args.eval_strategy != "no");
+        let save = every(&self.args.save_strategy, self.args.save_steps) && !last;
+        Ok(StepReport { logged, evaluate, save })
+    }
+
+    /// Logs evaluation metrics (keys get the `eval_` prefix).
+    pub fn log_eval(&mut self, metrics: &BTreeMap<String, f64>) -> Result<Value> {
+        let mut obj = Map::new();
+        obj.insert("step".into(), json!(self.state.global_step));
+        obj.insert(
+            "epoch".into(),
+            json!(self.state.global_step as f64 / self.steps_per_epoch as f64),
+        );
+        for (k, v) in metrics {
+            obj.insert(format!("eval_{k}"), json!(v));
+        }
+        let obj = Value::Object(obj);
+        self.progress.println(format!(
+            "eval @ step {}: {}",
+            self.state.global_step,
+            progress_message(&obj)
+        ));
+        self.run.log(&obj)?;
+        Ok(obj)
+    }
+
+    /// Saves `checkpoint-<step>/`: the model, optimizer moments and loop state.
+    pub fn save_checkpoint(&mut self, model: &Model) -> Result<PathBuf> {
+        let step = self.state.global_step;
+        let state = serde_json::to_vec_pretty(&self.state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let opt = self.opt.state()?;
+        let dir = self.run.save_checkpoint(step, self.args.save_total_limit, |tmp| {
+            model.save(tmp)?;
+            save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
+            write_atomic(&tmp.join("trainer_state.json"), &state)
+        })?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Restores optimizer and loop state from a checkpoint (the model's weights must already
+    /// come from the same checkpoint) and drops metrics logged after it.
+    pub fn resume(&mut self, ckpt: &Path) -> Result<()> {
+        let p = ckpt.join("trainer_state.json");
+        let text = std::fs::read_to_string(&p).map_err(|source| TrainError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        self.state =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
+        self.opt
+            .load_state(&load_tensors(&ckpt.join("optimizer.safetensors"))?)?;
+        self.run.truncate_metrics_after(self.state.global_step)?;
+        self.progress.set_position(self.state.global_step);
+        self.last_checkpoint = Some(ckpt.to_path_buf());
+        Ok(())
+    }
+
+    /// Saves the final model to `output_dir/final` and closes the progress bar.
+    pub fn finish(&mut self, model: &Model) -> Result<PathBuf> {
+        self.progress.finish_and_clear();
+        let dir = self.run.root.join("final");
+        let tmp = self.run.root.join(".final.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|source| TrainError::Io {
+                path: tmp.clone(),
+                source,
+            })?;
+        }
+        model.save(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|source| TrainError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
+    }
+
+    /// Prints a line above the progress bar.
+    pub fn println(&self, msg: impl AsRef<str>) {
+        if self.args.quiet {
+            eprintln!("{}", msg.as_ref());
+        } else {
+            self.progress.println(msg.as_ref());
+        }
+    }
+}
+
+fn progress_message(obj: &Value) -> String {
+    let Some(m) = obj.as_object() else { return String::new() };
+    m.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch"))
+        .filter_map(|(k, v)| v.as_f64().map(|x| format!("{k} {x:.4}")))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+/// A seeded Fisher–Yates permutation of `0..n`.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = RngStream::new(seed);
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.below(i + 1));
+    }
+    p
+}
+
+/// The training and evaluation files of a run, from `train_file` / `eval_file` or a
+/// `dataset_name` directory with `train.*` and `validation.*` splits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataPaths {
+    /// Training data.
+    pub train: PathBuf,
+    /// Evaluation data, if any.
+    pub validation: Option<PathBuf>,
+}
+
+impl DataPaths {
+    /// Resolves the config keys; `eval_file` overrides a directory's validation split.
+    pub fn resolve(train_file: Option<&str>, eval_file: Option<&str>, dataset_name: Option<&str>) -> Result<Self> {
+        let (train, validation) = match (train_file, dataset_name) {
+            (Some(f), _) => (PathBuf::from(f), None),
+            (None, Some(d)) => {
+                let files = crate::data::DataFiles::resolve(Path::new(d))?;
+                (files.train, files.validation)
+            }
+            (None, None) => {
+                return Err(TrainError::Config(
+                    "no training data: set `train_file` (JSONL, CSV or Parquet) or `dataset_name` (a directory with train.*)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Self {
+            train,
+            validation: eval_file.map(PathBuf::from).or(validation),
+        })
+    }
+}
