@@ -412,18 +412,28 @@ impl Gpt2 {
     }
 }
 
-/// Position ids from an attention mask, as transformers' `prepare_inputs_for_generation`:
-/// `cumsum(mask) - 1` for real tokens and 1 for padding; only the last `t` columns are
-/// returned. Fails if a position reaches `n_positions`.
+/// Position ids from an attention mask: `cumsum(mask) - 1` for real tokens (transformers'
+/// `prepare_inputs_for_generation`). Padding after a real token continues the count (what
+/// `arange` gives a right-padded batch, so TRL's batched forward is matched at every
+/// position); padding before the first real token gets 1. Only the last `t` columns are
+/// returned. Fails if the real tokens of a row exceed `n_positions`.
 pub fn positions_from_mask(mask: &[Vec<u32>], t: usize, n_positions: usize) -> Result<Vec<u32>> {
     let mut out = Vec::with_capacity(mask.len() * t);
+    let max_pos = n_positions.saturating_sub(1) as u32;
     for (row_idx, row) in mask.iter().enumerate() {
         let s = row.len();
         let mut count = 0u32;
+        let mut last_real: Option<(usize, u32)> = None;
         for (j, &m) in row.iter().enumerate() {
-            count += u32::from(m != 0);
+            let pos = if m != 0 {
+                count += 1;
+                last_real = Some((j, count - 1));
+                count - 1
+            } else {
+                last_real.map_or(1, |(lj, lp)| (lp + (j - lj) as u32).min(max_pos))
+            };
             if j >= s - t {
-                out.push(if m != 0 { count - 1 } else { 1 });
+                out.push(pos);
             }
         }
         if count as usize > n_positions {

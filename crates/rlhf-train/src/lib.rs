@@ -8,6 +8,8 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod optim;
+pub mod ppo;
+pub mod ppo_config;
 pub mod reward;
 pub mod score;
 pub mod sft;

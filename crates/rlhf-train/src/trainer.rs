@@ -346,10 +346,10 @@ impl TrainLoop {
         self.state.accum_steps += 1;
         self.state.accum_samples += samples as u64;
         self.progress.set_position(step);
-        let epoch_end = step % self.steps_per_epoch == 0;
+        let epoch_end = step.is_multiple_of(self.steps_per_epoch);
         let last = step >= self.total_steps;
         let mut logged = None;
-        if step % self.args.logging_steps == 0 || last {
+        if step.is_multiple_of(self.args.logging_steps) || last {
             let n = self.state.accum_steps.max(1) as f64;
             let mut obj = Map::new();
             obj.insert("step".into(), json!(step));
@@ -376,7 +376,7 @@ impl TrainLoop {
             logged = Some(obj);
         }
         let every = |strategy: &str, n: u64| match strategy {
-            "steps" => step % n == 0,
+            "steps" => step.is_multiple_of(n),
             "epoch" => epoch_end,
             _ => false,
         };

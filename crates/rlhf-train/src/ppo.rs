@@ -1,0 +1,531 @@
+//! PPO for RLHF exactly as TRL 0.11's `PPOTrainer` (Ziegler et al. 2019; Stiennon et al.
+//! 2020): `generate` → score → `step(queries, responses, scores)` → `log_stats`.
+//!
+//! `step` runs the stages in order: 1. score scaling, 2. batched no-grad forward of the
+//! policy and the reference (log-probs, values, response masks), 3. KL-penalised rewards,
+//! 4. GAE, 5. PPO epochs over shuffled minibatches (clipped policy and value losses, Adam),
+//! 6. statistics under TRL's names and the KL-controller update. The math lives in
+//! `rlhf_ops::ppo`; this file orders it.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use rlhf_models::{generate, Fwd, GenerationConfig, Model};
+use rlhf_ops::ppo::{
+    compute_advantages, compute_rewards, log_softmax, logprobs_from_logits, masked_mean, ppo_loss, KlController,
+    KlPenalty, PpoLossConfig, PpoLossInputs,
+};
+use rlhf_ops::rng::RngStream;
+use serde::{Deserialize, Serialize};
+
+use crate::collate::{pad, PadSide};
+use crate::error::{Result, TrainError};
+use crate::optim::{AdamConfig, AdamW, Grads};
+use crate::ppo_config::{PpoConfig, RunningMoments};
+use crate::trainer::permutation;
+
+/// Statistics of one `step()`: scalars and per-sample/per-token tensors, TRL's names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Scalar statistics (`objective/kl`, `ppo/loss/policy`, `time/ppo/total`, ...).
+    pub scalars: BTreeMap<String, f64>,
+    /// Tensor statistics, flattened (`objective/kl_dist`, `ppo/policy/advantages`, ...).
+    pub tensors: BTreeMap<String, Vec<f32>>,
+}
+
+/// State that a checkpoint must restore besides weights and optimizer moments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PpoState {
+    /// `step()` calls done.
+    pub current_step: u64,
+    /// The KL coefficient.
+    pub kl_coef: f64,
+    /// Score-scaling moments.
+    pub running: RunningMoments,
+    /// Minibatch shuffling stream (seed, counter).
+    pub shuffle: (u64, u64),
+    /// Dropout stream (seed, counter).
+    pub dropout: (u64, u64),
+}
+
+/// Rollout tensors of a batch, right-padded to the longest query + response.
+struct Rollout {
+    ids: Tensor,
+    mask: Tensor,
+    /// `(B, T-1)`: 1 on response tokens (position `t` predicts token `t + 1`).
+    masks: Tensor,
+}
+
+/// TRL 0.11's `PPOTrainer` over a policy with a value head and a frozen reference.
+pub struct PpoTrainer {
+    /// Settings.
+    pub config: PpoConfig,
+    /// The policy (with `value_head`); its trainable weights are optimised.
+    pub model: Model,
+    /// The frozen reference (`None`: the policy with adapters disabled).
+    pub ref_model: Option<Model>,
+    /// The KL controller.
+    pub kl_ctl: KlController,
+    /// Score-scaling statistics.
+    pub running: RunningMoments,
+    /// `step()` calls done.
+    pub current_step: u64,
+    opt: AdamW,
+    shuffle: RngStream,
+    dropout: RngStream,
+}
+
+impl PpoTrainer {
+    /// A trainer as `PPOTrainer(config, model, ref_model, tokenizer)`: the policy gets a
+    /// value head if it has none (returned as `true` so the caller can log it, as TRL warns),
+    /// and the optimizer is Adam over its trainable weights (TRL's default).
+    pub fn new(config: PpoConfig, mut model: Model, ref_model: Option<Model>) -> Result<(Self, bool)> {
+        config.validate()?;
+        let fresh_head = model.ensure_value_head(config.seed)?;
+        if let Some(v) = &mut model.value_head {
+            v.weight.make_trainable()?;
+            v.bias.make_trainable()?;
+        }
+        let params: Vec<_> = model
+            .named_params()
+            .into_iter()
+            .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
+            .collect();
+        if params.is_empty() {
+            return Err(TrainError::Config("the policy has no trainable parameters".into()));
+        }
+        let kl_ctl = if config.adap_kl_ctrl {
+            KlController::adaptive(config.init_kl_coef, config.target, config.horizon)
+        } else {
+            KlController::fixed(config.init_kl_coef)
+        };
+        let opt = AdamW::new(params, AdamConfig::default());
+        let shuffle = RngStream::new(config.seed);
+        let dropout = RngStream::new(config.seed.wrapping_add(1));
+        let t = Self {
+            config,
+            model,
+            ref_model,
+            kl_ctl,
+            running: RunningMoments::default(),
+            current_step: 0,
+            opt,
+            shuffle,
+            dropout,
+        };
+        Ok((t, fresh_head))
+    }
+
+    /// Number of optimised scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.opt.num_params()
+    }
+
+    /// TRL's `generate(queries, return_prompt=False, length_sampler, batch_size)`: batched
+    /// sampling in chunks of `batch_size` (left padding inside the batch), each response cut
+    /// after its first EOS (kept). With a length sampler `(min, max)`, each chunk draws its
+    /// `max_new_tokens` uniformly from `min..max` (max exclusive, as `LengthSampler`).
+    pub fn generate(
+        &self,
+        queries: &[Vec<u32>],
+        gen: &GenerationConfig,
+        length_sampler: Option<(usize, usize)>,
+        batch_size: usize,
+        rng: &mut RngStream,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(queries.len());
+        for chunk in queries.chunks(batch_size.max(1)) {
+            let mut cfg = gen.clone();
+            if let Some((lo, hi)) = length_sampler {
+                cfg.max_new_tokens = lo + rng.below(hi.saturating_sub(lo).max(1));
+            }
+            let g = generate(&self.model.gpt2, chunk, &cfg, rng)?;
+            for mut r in g.response_ids {
+                if let Some(eos) = gen.eos_token_id {
+                    if let Some(p) = r.iter().position(|&t| t == eos) {
+                        r.truncate(p + 1);
+                    }
+                }
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One PPO optimisation step on a batch of `batch_size` (query, response, score).
+    pub fn step(&mut self, queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32]) -> Result<Stats> {
+        let t_total = Instant::now();
+        let bs = self.config.batch_size;
+        check_batch(queries, responses, scores, bs)?;
+        let device = self.model.gpt2.device().clone();
+
+        // 1. score scaling and clipping
+        let mut scores: Vec<f32> = scores.to_vec();
+        if self.config.use_score_scaling {
+            self.running.update(&scores);
+            let factor = (self.running.std + f32::EPSILON as f64) as f32;
+            let mean = self.running.mean as f32;
+            let norm = self.config.use_score_norm;
+            scores
+                .iter_mut()
+                .for_each(|s| *s = if norm { (*s - mean) / factor } else { *s / factor });
+        }
+        if let Some(c) = self.config.score_clip {
+            scores.iter_mut().for_each(|s| *s = s.clamp(-c as f32, c as f32));
+        }
+        let scores_t = Tensor::from_vec(scores.clone(), bs, &device)?;
+
+        // 2. batched forward passes (no grad, eval mode) of policy and reference
+        let t = Instant::now();
+        let roll = self.rollout(queries, responses, &device)?;
+        let kind = KlPenalty::from_trl_name(&self.config.kl_penalty).unwrap_or_default();
+        let full = kind == KlPenalty::Full;
+        let (logprobs, values, pol_full) = self.forward_no_grad(&self.model, &roll, true, full)?;
+        let reference = self.ref_model.as_ref().ok_or_else(|| {
+            TrainError::Config(
+                "no reference model: pass ref_model (a frozen copy of the policy), or use LoRA adapters".into(),
+            )
+        })?;
+        let (ref_logprobs, _, ref_full) = self.forward_no_grad(reference, &roll, false, full)?;
+        let values = values.ok_or_else(|| TrainError::Config("internal: the policy forward gave no values".into()))?;
+        let time_forward = t.elapsed().as_secs_f64();
+
+        // 3. KL-penalised rewards (the score lands on the last response token)
+        let t = Instant::now();
+        let kl_coef = self.kl_ctl.value();
+        let (kl_lp, kl_ref) = match (pol_full, ref_full) {
+            (Some(p), Some(r)) => (p, r),
+            _ => (logprobs.clone(), ref_logprobs.clone()),
+        };
+        let rw = compute_rewards(&scores_t, &kl_lp, &kl_ref, &roll.masks, kl_coef, kind)?;
+        let time_rewards = t.elapsed().as_secs_f64();
+
+        // 4. advantages (GAE, whitened) and returns
+        let t = Instant::now();
+        let c = &self.config;
+        let adv = compute_advantages(&values, &rw.rewards, &roll.masks, c.gamma, c.lam, c.whiten_rewards)?;
+        let time_adv = t.elapsed().as_secs_f64();
+
+        // 5. PPO epochs over shuffled minibatches
+        let t = Instant::now();
+        let mut mb_stats: Vec<rlhf_ops::ppo::PpoStats> = Vec::new();
+        let loss_cfg = PpoLossConfig {
+            cliprange: c.cliprange,
+            cliprange_value: c.cliprange_value,
+            vf_coef: c.vf_coef,
+            ratio_threshold: c.ratio_threshold,
+        };
+        let (mbs, ga, epochs) = (c.mini_batch_size, c.gradient_accumulation_steps, c.ppo_epochs);
+        let (early_stopping, target_kl, max_norm, lr) = (
+            c.early_stopping,
+            c.target_kl,
+            c.max_grad_norm.unwrap_or(0.0),
+            c.learning_rate,
+        );
+        let vars: Vec<_> = self.opt.vars().into_iter().cloned().collect();
+        let var_refs: Vec<_> = vars.iter().collect();
+        for _ in 0..epochs {
+            let perm = permutation(bs, self.shuffle.next_u64());
+            for backward in perm.chunks(mbs * ga) {
+                let mut grads = Grads::new(vars.len());
+                for mb in backward.chunks(mbs) {
+                    let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
+                    let sel = |x: &Tensor| x.index_select(&idx, 0);
+                    let (ids, mask) = (sel(&roll.ids)?, sel(&roll.mask)?);
+                    let mut rng = self.dropout.clone();
+                    let mut fwd = Fwd::train(&mut rng);
+                    let hidden = self.model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
+                    let tt = hidden.dim(1)?;
+                    let logits = self.model.gpt2.lm_logits(&hidden.narrow(1, 0, tt - 1)?, true)?;
+                    let vhead = self
+                        .model
+                        .value_head
+                        .as_ref()
+                        .ok_or_else(|| TrainError::Config("policy lost its value head".into()))?;
+                    let vpreds = vhead.forward(&hidden, &mut fwd)?.narrow(1, 0, tt - 1)?;
+                    self.dropout = rng;
+                    let new_lp = logprobs_from_logits(&logits, &ids.narrow(1, 1, tt - 1)?)?;
+                    let (old_lp, old_v, m, a, r) = (
+                        sel(&logprobs)?,
+                        sel(&adv.values)?,
+                        sel(&roll.masks)?,
+                        sel(&adv.advantages)?,
+                        sel(&adv.returns)?,
+                    );
+                    let inputs = PpoLossInputs {
+                        old_logprobs: &old_lp,
+                        values: &old_v,
+                        logits: &logits,
+                        vpreds: &vpreds,
+                        logprobs: &new_lp,
+                        mask: &m,
+                        advantages: &a,
+                        returns: &r,
+                    };
+                    let out = ppo_loss(&inputs, &loss_cfg)?;
+                    if !out.stats.loss_total.is_finite() {
+                        return Err(TrainError::Diverged(format!(
+                            "PPO step {}: non-finite loss; hint: lower the learning rate or check the reward scale",
+                            self.current_step + 1
+                        )));
+                    }
+                    let loss = ((out.pg_loss + out.vf_loss)? / ga as f64)?;
+                    grads.add(&var_refs, &loss.backward()?)?;
+                    mb_stats.push(out.stats);
+                }
+                grads.clip(max_norm);
+                self.opt.step(&grads, lr)?;
+            }
+            if early_stopping && mb_stats.last().is_some_and(|s| s.policy_policykl > 1.5 * target_kl) {
+                break;
+            }
+        }
+        let time_opt = t.elapsed().as_secs_f64();
+
+        // 6. statistics (TRL's `record_step_stats`) and the KL controller update
+        let t = Instant::now();
+        let mut stats = step_stats(
+            &logprobs,
+            &ref_logprobs,
+            &roll.masks,
+            &rw.non_score_rewards,
+            &scores,
+            kl_coef,
+        )?;
+        stats
+            .tensors
+            .insert("objective/logprobs".into(), logprobs.flatten_all()?.to_vec1()?);
+        stats
+            .tensors
+            .insert("objective/ref_logprobs".into(), ref_logprobs.flatten_all()?.to_vec1()?);
+        let lens = |v: &[Vec<u32>]| v.iter().map(|x| x.len() as f32).collect::<Vec<f32>>();
+        for (name, l) in [("queries", lens(queries)), ("responses", lens(responses))] {
+            let (m, s) = mean_std(&l);
+            stats.scalars.insert(format!("tokens/{name}_len_mean"), m);
+            stats.scalars.insert(format!("tokens/{name}_len_std"), s);
+            stats.tensors.insert(format!("tokens/{name}_dist"), l);
+        }
+        let n = mb_stats.len().max(1) as f64;
+        for s in &mb_stats {
+            for (k, v) in s.scalars() {
+                *stats.scalars.entry(format!("ppo/{k}")).or_default() += v / n;
+            }
+        }
+        let cat = |f: fn(&rlhf_ops::ppo::PpoStats) -> &Tensor| -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            for s in &mb_stats {
+                v.extend(f(s).flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(v)
+        };
+        stats
+            .tensors
+            .insert("ppo/policy/advantages".into(), cat(|s| &s.policy_advantages)?);
+        stats
+            .tensors
+            .insert("ppo/policy/ratio".into(), cat(|s| &s.policy_ratio)?);
+        let err = stats.scalars.get("ppo/val/error").copied().unwrap_or(0.0);
+        let rvar = stats.scalars.get("ppo/returns/var").copied().unwrap_or(1.0);
+        stats.scalars.insert("ppo/val/var_explained".into(), 1.0 - err / rvar);
+        stats.scalars.insert("ppo/learning_rate".into(), lr);
+        let mean_kl = stats.scalars["objective/kl"];
+        if mean_kl < -1.0 {
+            tracing::warn!("KL divergence is starting to become negative: {mean_kl:.2} - this might be a precursor for failed training");
+        }
+        self.kl_ctl.update(mean_kl, bs);
+        self.current_step += 1;
+        let time_stats = t.elapsed().as_secs_f64();
+        for (k, v) in [
+            ("forward_pass", time_forward),
+            ("compute_rewards", time_rewards),
+            ("compute_advantages", time_adv),
+            ("optimize_step", time_opt),
+            ("calc_stats", time_stats),
+            ("total", t_total.elapsed().as_secs_f64()),
+        ] {
+            stats.scalars.insert(format!("time/ppo/{k}"), v);
+        }
+        Ok(stats)
+    }
+
+    /// Pads query + response rows (right padding) and marks the response positions.
+    fn rollout(&self, queries: &[Vec<u32>], responses: &[Vec<u32>], device: &Device) -> Result<Rollout> {
+        let seqs: Vec<Vec<u32>> = queries
+            .iter()
+            .zip(responses)
+            .map(|(q, r)| [q.as_slice(), r.as_slice()].concat())
+            .collect();
+        let pad_id = self
+            .model
+            .tokenizer
+            .as_ref()
+            .map_or(self.model.cfg().eos_token_id.unwrap_or(0), |t| t.pad_token_id);
+        let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, device)?;
+        let t = ids.dim(1)?;
+        let mut masks = vec![0f32; queries.len() * (t - 1)];
+        for (b, (q, r)) in queries.iter().zip(responses).enumerate() {
+            let start = q.len() - 1;
+            for k in start..(start + r.len()).min(t - 1) {
+                masks[b * (t - 1) + k] = 1.0;
+            }
+        }
+        let masks = Tensor::from_vec(masks, (queries.len(), t - 1), device)?;
+        Ok(Rollout { ids, mask, masks })
+    }
+
+    /// TRL's `batched_forward_pass`: log-probs of the next tokens `(B, T-1)`, values
+    /// `(B, T-1)` (policy only) and, for `kl_penalty = "full"`, full log-softmax, in chunks
+    /// of `mini_batch_size`, eval mode, no gradients.
+    fn forward_no_grad(
+        &self,
+        model: &Model,
+        roll: &Rollout,
+        with_values: bool,
+        full: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        let (b, t) = roll.ids.dims2()?;
+        let (mut lps, mut vals, mut fulls) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < b {
+            let n = self.config.mini_batch_size.min(b - start);
+            let (ids, mask) = (roll.ids.narrow(0, start, n)?, roll.mask.narrow(0, start, n)?);
+            let mut fwd = Fwd::eval();
+            let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
+            let logits = model.gpt2.lm_logits(&hidden.narrow(1, 0, t - 1)?, false)?;
+            lps.push(logprobs_from_logits(&logits, &ids.narrow(1, 1, t - 1)?)?);
+            if full {
+                fulls.push(log_softmax(&logits)?);
+            }
+            if with_values {
+                if let Some(v) = &model.value_head {
+                    vals.push(v.forward(&hidden, &mut fwd)?.narrow(1, 0, t - 1)?);
+                }
+            }
+            start += n;
+        }
+        let cat = |v: Vec<Tensor>| -> Result<Option<Tensor>> {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some(Tensor::cat(&v, 0)?))
+            }
+        };
+        let lp = cat(lps)?.ok_or_else(|| TrainError::Config("empty batch".into()))?;
+        Ok((lp, cat(vals)?, cat(fulls)?))
+    }
+
+    /// The trainer's state for a checkpoint.
+    pub fn state(&self) -> PpoState {
+        PpoState {
+            current_step: self.current_step,
+            kl_coef: self.kl_ctl.value(),
+            running: self.running.clone(),
+            shuffle: (self.shuffle.seed, self.shuffle.counter),
+            dropout: (self.dropout.seed, self.dropout.counter),
+        }
+    }
+
+    /// Restores [`PpoTrainer::state`] and the optimizer moments.
+    pub fn restore(&mut self, state: &PpoState, optimizer: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.current_step = state.current_step;
+        self.kl_ctl = match self.kl_ctl {
+            KlController::Fixed { .. } => KlController::fixed(state.kl_coef),
+            KlController::Adaptive { target, horizon, .. } => KlController::adaptive(state.kl_coef, target, horizon),
+        };
+        self.running = state.running.clone();
+        self.shuffle = RngStream {
+            seed: state.shuffle.0,
+            counter: state.shuffle.1,
+        };
+        self.dropout = RngStream {
+            seed: state.dropout.0,
+            counter: state.dropout.1,
+        };
+        self.opt.load_state(optimizer)
+    }
+
+    /// The optimizer moments for a checkpoint.
+    pub fn optimizer_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.opt.state()
+    }
+}
+
+fn check_batch(queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32], bs: usize) -> Result<()> {
+    for (what, n) in [
+        ("queries", queries.len()),
+        ("responses", responses.len()),
+        ("scores", scores.len()),
+    ] {
+        if n != bs {
+            return Err(TrainError::Config(format!(
+                "step(): got {n} {what}, expected batch_size = {bs}; pass exactly batch_size samples or change batch_size"
+            )));
+        }
+    }
+    if let Some(i) = queries.iter().position(Vec::is_empty) {
+        return Err(TrainError::Config(format!("step(): query {i} is empty")));
+    }
+    if let Some(i) = responses.iter().position(Vec::is_empty) {
+        return Err(TrainError::Config(format!(
+            "step(): response {i} is empty (a response needs at least one token, e.g. EOS)"
+        )));
+    }
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(TrainError::Diverged(format!(
+            "step(): score {i} is {}; nothing was updated\nhint: check the reward model and the reward scale",
+            scores[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Mean and unbiased std (`torch.std`).
+fn mean_std(v: &[f32]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (m, if v.len() > 1 { var.sqrt() } else { f64::NAN })
+}
+
+/// TRL's `record_step_stats` (before the minibatch statistics are added).
+fn step_stats(
+    logprobs: &Tensor,
+    ref_logprobs: &Tensor,
+    masks: &Tensor,
+    non_score: &Tensor,
+    scores: &[f32],
+    kl_coef: f64,
+) -> Result<Stats> {
+    let kl_list: Vec<f32> = ((logprobs - ref_logprobs)? * masks)?.sum(D::Minus1)?.to_vec1()?;
+    let entropy: Vec<f32> = (logprobs.neg()? * masks)?.sum(D::Minus1)?.to_vec1()?;
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let mut s = Stats::default();
+    s.scalars.insert("objective/kl".into(), mean(&kl_list));
+    s.scalars.insert("objective/kl_coef".into(), kl_coef);
+    s.scalars.insert("objective/entropy".into(), mean(&entropy));
+    let nsr = masked_mean(non_score, masks, None)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    s.scalars.insert("ppo/mean_non_score_reward".into(), nsr);
+    let (m, sd) = mean_std(scores);
+    s.scalars.insert("ppo/mean_scores".into(), m);
+    s.scalars.insert("ppo/std_scores".into(), sd);
+    s.tensors.insert("objective/kl_dist".into(), kl_list);
+    Ok(s)
+}
+
+/// TRL's `log_stats`: adds `env/reward_mean`, `env/reward_std` and `env/reward_dist` to the
+/// step's statistics and returns the scalar record (with `step`) for `metrics.jsonl`.
+pub fn log_stats(stats: &mut Stats, rewards: &[f32], step: u64) -> serde_json::Value {
+    let (m, s) = mean_std(rewards);
+    stats.scalars.insert("env/reward_mean".into(), m);
+    stats.scalars.insert("env/reward_std".into(), s);
+    stats.tensors.insert("env/reward_dist".into(), rewards.to_vec());
+    let mut obj = serde_json::Map::new();
+    obj.insert("step".into(), step.into());
+    for (k, v) in &stats.scalars {
+        obj.insert(k.clone(), serde_json::json!(v));
+    }
+    serde_json::Value::Object(obj)
+}
