@@ -18,6 +18,10 @@ pub enum Workload {
     RewardTiny,
     /// One reward-model step on 8 pairs (max_length 128), GPT-2-small shape.
     RewardSmall,
+    /// One PPO step (generate 32 tokens for 16 prompts, score, step) on tiny GPT-2.
+    PpoTiny,
+    /// One PPO step on the GPT-2-small shape, tiny reward model.
+    PpoSmall,
     /// 16 prompts × 64 sampled tokens with the KV cache, GPT-2-small shape.
     GenerateSmall,
 }
@@ -36,6 +40,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.workload {
         Workload::Gemm => gemm(a.steps.unwrap_or(10)),
         Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
+        Workload::PpoTiny => ppo("ppo-tiny", Gpt2Config::tiny(), a.steps.unwrap_or(5)),
+        Workload::PpoSmall => ppo("ppo-small", Gpt2Config::small(), a.steps.unwrap_or(3)),
         Workload::RewardTiny => reward("reward-tiny", Gpt2Config::tiny(), 3, a.steps.unwrap_or(20)),
         Workload::RewardSmall => reward("reward-small", Gpt2Config::small(), 2, a.steps.unwrap_or(5)),
     }
@@ -201,6 +207,83 @@ fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::R
         json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
             "throughput": 8.0 / median, "unit": "pairs/s", "peak_rss_mib": peak_rss_mib(),
             "threads": threads(), "dtype": "f32", "tokens_last_step": tokens})
+    );
+    Ok(())
+}
+
+/// A PPO step as `WORKLOADS.md` defines it: 16 queries, exactly 32 sampled tokens each
+/// (top_k 0, top_p 1, no EOS stop), scored by a tiny reward model, then `step()` with 4
+/// epochs × 4 minibatches of 4, Adam lr 1.41e-5, a frozen copy as reference.
+fn ppo(name: &str, cfg: Gpt2Config, steps: usize) -> anyhow::Result<()> {
+    use rlhf_train::ppo::PpoTrainer;
+    use rlhf_train::ppo_config::PpoConfig;
+    let tok = rlhf_train::assets::gpt2_tokenizer()?;
+    let mut policy = Model::random(cfg, 0, DType::F32, &Device::Cpu)?;
+    policy.set_tokenizer(tok.clone());
+    let reference = policy.clone();
+    policy.set_trainable(true)?;
+    let mut rm = Model::random(Gpt2Config::tiny(), 1, DType::F32, &Device::Cpu)?;
+    rm.set_tokenizer(tok.clone());
+    rm.ensure_score_head(1)?;
+    let ppo_cfg = PpoConfig {
+        batch_size: 16,
+        mini_batch_size: 4,
+        ppo_epochs: 4,
+        ..Default::default()
+    };
+    let (mut trainer, _) = PpoTrainer::new(ppo_cfg, policy, Some(reference))?;
+    let prompts: Vec<(String, Vec<u32>)> = rlhf_train::assets::ppo_prompts()
+        .into_iter()
+        .map(|p| tok.encode(&p).map(|ids| (p, ids)))
+        .collect::<Result<_, _>>()?;
+    let gen = GenerationConfig {
+        max_new_tokens: 32,
+        eos_token_id: None,
+        ..Default::default()
+    };
+    let mut rng = RngStream::new(0);
+    let mut k = 0usize;
+    let mut phases: Vec<[f64; 3]> = Vec::new();
+    let mut ppo_times: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
+    let times = time_steps(1, steps, || {
+        let batch: Vec<&(String, Vec<u32>)> = (0..16).map(|i| &prompts[(k * 16 + i) % prompts.len()]).collect();
+        k += 1;
+        let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let t0 = Instant::now();
+        let responses = trainer.generate(&queries, &gen, None, 16, &mut rng)?;
+        let t1 = Instant::now();
+        let texts: Vec<String> = responses
+            .iter()
+            .map(|r| tok.decode(r, true))
+            .collect::<Result<_, _>>()?;
+        let scores = rlhf_train::ppo_run::score_texts(&rm, &batch, &texts, 16)?;
+        let t2 = Instant::now();
+        let stats = trainer.step(&queries, &responses, &scores)?;
+        phases.push([
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64(),
+        ]);
+        ppo_times.push(
+            stats
+                .scalars
+                .iter()
+                .filter(|(k, _)| k.starts_with("time/"))
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect(),
+        );
+        Ok(())
+    })?;
+    let (median, min, max) = stats(times);
+    let timed = &phases[1..];
+    let med = |i: usize| stats(timed.iter().map(|p| p[i]).collect()).0;
+    println!(
+        "{}",
+        json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
+            "throughput": 16.0 / median, "unit": "samples/s", "peak_rss_mib": peak_rss_mib(),
+            "threads": threads(), "dtype": "f32",
+            "generate_s": med(0), "score_s": med(1), "step_s": med(2),
+            "last_step_times": ppo_times.last()})
     );
     Ok(())
 }

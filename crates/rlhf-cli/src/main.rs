@@ -25,6 +25,8 @@ enum Command {
     Sft(train::Args),
     /// Train a reward model on preference pairs (TRL RewardTrainer).
     Reward(train::Args),
+    /// PPO with a value head and a KL-penalised reference (TRL 0.11 PPOTrainer).
+    Ppo(train::Args),
     /// Run a benchmark workload and print its timings as JSON.
     Bench(bench::Args),
 }
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Sft(a) => train::sft(a),
         Command::Reward(a) => train::reward(a),
+        Command::Ppo(a) => train::ppo(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

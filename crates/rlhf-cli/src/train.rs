@@ -48,3 +48,14 @@ pub fn sft(a: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub fn ppo(a: Args) -> anyhow::Result<()> {
+    let (v, source) = values(&a)?;
+    let cfg: rlhf_train::ppo_run::PpoRunConfig = resolve(&v, &source)?;
+    let out = rlhf_train::ppo_run::train(&cfg)?;
+    println!("policy saved to {}", out.final_dir.display());
+    if let (Some(first), Some(last)) = (out.reward_means.first(), out.reward_means.last()) {
+        println!("mean reward: first step {first:.4}, last step {last:.4}");
+    }
+    Ok(())
+}

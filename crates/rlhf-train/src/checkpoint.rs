@@ -163,6 +163,24 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// Writes `final/` atomically (a temporary directory renamed into place).
+    pub fn save_final(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let dir = self.root.join("final");
+        let tmp = self.root.join(".final.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        write(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        Ok(dir)
+    }
+}
+
 /// Writes a file via a temporary name and a rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");

@@ -10,6 +10,7 @@ pub mod error;
 pub mod optim;
 pub mod ppo;
 pub mod ppo_config;
+pub mod ppo_run;
 pub mod reward;
 pub mod score;
 pub mod sft;

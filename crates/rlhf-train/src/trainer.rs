@@ -444,26 +444,7 @@ impl TrainLoop {
     /// Saves the final model to `output_dir/final` and closes the progress bar.
     pub fn finish(&mut self, model: &Model) -> Result<PathBuf> {
         self.progress.finish_and_clear();
-        let dir = self.run.root.join("final");
-        let tmp = self.run.root.join(".final.tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|source| TrainError::Io {
-                path: tmp.clone(),
-                source,
-            })?;
-        }
-        model.save(&tmp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|source| TrainError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(dir)
+        self.run.save_final(|tmp| Ok(model.save(tmp)?))
     }
 
     /// Prints a line above the progress bar.

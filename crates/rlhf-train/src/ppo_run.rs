@@ -1,0 +1,324 @@
+//! `rlhf ppo`: the full TRL-style loop over a prompt set — generate, score with a reward
+//! model, `step()`, `log_stats` — with periodic atomic checkpoints and exact resume.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_models::{GenerationConfig, LoadOptions, Model};
+use rlhf_ops::rng::RngStream;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
+use crate::data::read_data;
+use crate::error::{Result, TrainError};
+use crate::ppo::{log_stats, PpoState, PpoTrainer};
+use crate::ppo_config::PpoConfig;
+use crate::score::reward_tokens;
+use crate::trainer::permutation;
+
+/// Settings of `rlhf ppo`: TRL's `PPOConfig` plus paths, generation and run cadence.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PpoRunConfig {
+    /// The policy to train (a causal LM directory; a value head is added if missing).
+    pub model_name_or_path: String,
+    /// The reference (default: the same directory, loaded as a frozen copy).
+    pub ref_model_path: Option<String>,
+    /// Reward model (GPT2ForSequenceClassification directory, e.g. `rlhf reward` output).
+    pub reward_model_path: String,
+    /// Prompts (JSONL, CSV or Parquet with a `query` or `prompt` column).
+    pub train_file: String,
+    /// Run directory.
+    pub output_dir: String,
+    /// Replace a run already in `output_dir`.
+    pub overwrite_output_dir: bool,
+    /// `latest` or a `checkpoint-<step>` directory.
+    pub resume_from_checkpoint: Option<String>,
+    /// Tokens to generate per response (upper bound).
+    pub max_new_tokens: usize,
+    /// Length sampler `[output_min_length, output_max_length)` for `max_new_tokens`.
+    pub output_min_length: Option<usize>,
+    /// Upper end (exclusive) of the length sampler.
+    pub output_max_length: Option<usize>,
+    /// Sampling (true, TRL's examples) or greedy.
+    pub do_sample: bool,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+    /// Top-p (1.0 = off).
+    pub top_p: f64,
+    /// Checkpoint every this many PPO steps (0 = only the final model).
+    pub save_steps: u64,
+    /// Keep only this many checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Print a query / response / reward table every this many steps (0 = never).
+    pub log_samples: u64,
+    /// JSON log lines instead of a progress bar.
+    pub quiet: bool,
+    /// TRL's `PPOConfig`.
+    #[serde(flatten)]
+    pub ppo: PpoConfig,
+}
+
+impl Default for PpoRunConfig {
+    fn default() -> Self {
+        Self {
+            model_name_or_path: String::new(),
+            ref_model_path: None,
+            reward_model_path: String::new(),
+            train_file: String::new(),
+            output_dir: "runs/ppo".into(),
+            overwrite_output_dir: false,
+            resume_from_checkpoint: None,
+            max_new_tokens: 32,
+            output_min_length: None,
+            output_max_length: None,
+            do_sample: true,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            save_steps: 100,
+            save_total_limit: None,
+            log_samples: 10,
+            quiet: false,
+            ppo: PpoConfig::default(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunState {
+    ppo: PpoState,
+    generation: (u64, u64),
+}
+
+/// What a PPO run produced.
+pub struct PpoOutcome {
+    /// The trained policy.
+    pub model: Model,
+    /// `output_dir/final`.
+    pub final_dir: PathBuf,
+    /// Mean reward of each step.
+    pub reward_means: Vec<f64>,
+}
+
+/// Reads prompts (`query` or `prompt` column).
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let rows = read_data(path)?;
+    let col = if rows.has(0, "query") { "query" } else { "prompt" };
+    (0..rows.len()).map(|i| rows.text(i, col).map(str::to_string)).collect()
+}
+
+/// Runs PPO as TRL's example scripts do.
+pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
+    // 1. config, run directory, models
+    cfg.ppo.validate()?;
+    for (k, v) in [
+        ("model_name_or_path", &cfg.model_name_or_path),
+        ("reward_model_path", &cfg.reward_model_path),
+        ("train_file", &cfg.train_file),
+    ] {
+        if v.is_empty() && !(k == "model_name_or_path" && cfg.resume_from_checkpoint.is_some()) {
+            return Err(TrainError::Config(format!("config key `{k}`: required")));
+        }
+    }
+    let run = RunDir::prepare(
+        Path::new(&cfg.output_dir),
+        cfg.overwrite_output_dir,
+        cfg.resume_from_checkpoint.is_some(),
+    )?;
+    let resume = cfg
+        .resume_from_checkpoint
+        .as_deref()
+        .map(|s| run.resolve_checkpoint(s))
+        .transpose()?;
+    let opts = LoadOptions::default();
+    let policy_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
+    let mut policy = Model::load(&policy_dir, &opts)?;
+    policy.set_trainable(true)?;
+    let ref_dir = cfg
+        .ref_model_path
+        .clone()
+        .unwrap_or_else(|| cfg.model_name_or_path.clone());
+    let reference = Model::load(Path::new(&ref_dir), &opts)?;
+    let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
+    if reward_model.score_head.is_none() {
+        return Err(TrainError::Config(format!(
+            "{}: no score head (`score.weight`); hint: reward_model_path must be a reward model such as `rlhf reward` output",
+            cfg.reward_model_path
+        )));
+    }
+    run.write_config(&crate::config::to_toml(cfg)?)?;
+    let (mut trainer, fresh) = PpoTrainer::new(cfg.ppo.clone(), policy, Some(reference))?;
+    if fresh {
+        tracing::info!(
+            "{}: no v_head weight found; initialised a fresh value head",
+            policy_dir.display()
+        );
+    }
+
+    // 2. prompts, tokenised; those that cannot fit a response are dropped
+    let tok = trainer.model.tokenizer()?.clone();
+    let n_pos = trainer.model.cfg().n_positions;
+    let max_new = cfg
+        .output_max_length
+        .map_or(cfg.max_new_tokens, |m| m.saturating_sub(1).max(1));
+    let mut prompts: Vec<(String, Vec<u32>)> = Vec::new();
+    let texts = read_prompts(Path::new(&cfg.train_file))?;
+    for t in texts {
+        let ids = tok.encode(&t)?;
+        if !ids.is_empty() && ids.len() + max_new <= n_pos {
+            prompts.push((t, ids));
+        }
+    }
+    let bs = cfg.ppo.batch_size;
+    if prompts.len() < bs {
+        return Err(TrainError::Data {
+            path: PathBuf::from(&cfg.train_file),
+            msg: format!("{} usable prompts, fewer than batch_size ({bs})", prompts.len()),
+        });
+    }
+    let gen = GenerationConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        min_new_tokens: 0,
+        do_sample: cfg.do_sample,
+        temperature: cfg.temperature,
+        top_k: cfg.top_k,
+        top_p: cfg.top_p,
+        eos_token_id: Some(tok.eos_token_id),
+        pad_token_id: tok.pad_token_id,
+    };
+    let sampler = match (cfg.output_min_length, cfg.output_max_length) {
+        (Some(lo), Some(hi)) if hi > lo => Some((lo, hi)),
+        (None, None) => None,
+        _ => {
+            return Err(TrainError::Config(
+                "output_min_length must be below output_max_length (both set)".into(),
+            ))
+        }
+    };
+    let mut gen_rng = RngStream::new(cfg.ppo.seed.wrapping_add(2));
+    if let Some(ckpt) = &resume {
+        let p = ckpt.join("trainer_state.json");
+        let text = std::fs::read_to_string(&p).map_err(|source| TrainError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let st: RunState =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
+        trainer.restore(&st.ppo, &load_tensors(&ckpt.join("optimizer.safetensors"))?)?;
+        gen_rng = RngStream {
+            seed: st.generation.0,
+            counter: st.generation.1,
+        };
+        run.truncate_metrics_after(trainer.current_step)?;
+    }
+    let total = cfg.ppo.total_ppo_steps();
+    let per_epoch = (prompts.len() / bs) as u64;
+    let progress = if cfg.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    progress.set_position(trainer.current_step);
+    let say = |msg: String| {
+        if cfg.quiet {
+            eprintln!("{msg}")
+        } else {
+            progress.println(msg)
+        }
+    };
+    say(format!(
+        "ppo: {} prompts, {total} steps of {bs}, {} trainable parameters",
+        prompts.len(),
+        trainer.num_trainable()
+    ));
+
+    // 3. the loop: generate → score → step → log
+    let mut reward_means = Vec::new();
+    let mut last_ckpt: Option<PathBuf> = resume.clone();
+    while trainer.current_step < total {
+        let s = trainer.current_step;
+        let perm = permutation(prompts.len(), cfg.ppo.seed.wrapping_add(s / per_epoch));
+        let start = (s % per_epoch) as usize * bs;
+        let batch: Vec<&(String, Vec<u32>)> = perm[start..start + bs].iter().map(|&i| &prompts[i]).collect();
+        let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let responses = trainer.generate(&queries, &gen, sampler, bs, &mut gen_rng)?;
+        let texts: Vec<String> = responses
+            .iter()
+            .map(|r| tok.decode(r, true))
+            .collect::<std::result::Result<_, _>>()?;
+        let scores = score_texts(&reward_model, &batch, &texts, cfg.ppo.mini_batch_size)?;
+        let mut stats = trainer.step(&queries, &responses, &scores).map_err(|e| match e {
+            TrainError::Diverged(m) => TrainError::Diverged(format!(
+                "{m}\nlast good checkpoint: {}",
+                last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string())
+            )),
+            other => other,
+        })?;
+        let record = log_stats(&mut stats, &scores, trainer.current_step);
+        run.log(&record)?;
+        let mean = stats.scalars["env/reward_mean"];
+        reward_means.push(mean);
+        progress.set_position(trainer.current_step);
+        progress.set_message(format!("reward {mean:.3}  kl {:.3}", stats.scalars["objective/kl"]));
+        if cfg.quiet {
+            eprintln!("{record}");
+        }
+        if cfg.log_samples > 0 && trainer.current_step % cfg.log_samples == 0 {
+            let mut table = format!("step {}: query | response | reward", trainer.current_step);
+            for ((q, _), (r, sc)) in batch.iter().zip(texts.iter().zip(&scores)).take(4) {
+                table.push_str(&format!("\n  {} | {} | {sc:.3}", one_line(q), one_line(r)));
+            }
+            say(table);
+        }
+        if cfg.save_steps > 0 && trainer.current_step % cfg.save_steps == 0 && trainer.current_step < total {
+            let state = RunState {
+                ppo: trainer.state(),
+                generation: (gen_rng.seed, gen_rng.counter),
+            };
+            let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            let opt = trainer.optimizer_state()?;
+            let model = &trainer.model;
+            last_ckpt = Some(run.save_checkpoint(trainer.current_step, cfg.save_total_limit, |tmp| {
+                model.save(tmp)?;
+                save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
+                write_atomic(&tmp.join("trainer_state.json"), &bytes)
+            })?);
+        }
+    }
+    progress.finish_and_clear();
+    let final_dir = run.save_final(|tmp| Ok(trainer.model.save(tmp)?))?;
+    Ok(PpoOutcome {
+        model: trainer.model,
+        final_dir,
+        reward_means,
+    })
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s.replace('\n', "\\n");
+    if s.chars().count() > 60 {
+        format!("{}…", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Rewards of query + response texts from a reward model (re-tokenised with its tokenizer,
+/// EOS appended, as it was trained).
+pub fn score_texts(rm: &Model, batch: &[&(String, Vec<u32>)], responses: &[String], chunk: usize) -> Result<Vec<f32>> {
+    let mut seqs = Vec::with_capacity(batch.len());
+    for ((q, _), r) in batch.iter().zip(responses) {
+        let mut ids = reward_tokens(rm, q, r)?;
+        ids.truncate(rm.cfg().n_positions);
+        seqs.push(ids);
+    }
+    let pad_id = rm.tokenizer()?.pad_token_id;
+    let mut out = Vec::with_capacity(seqs.len());
+    for c in seqs.chunks(chunk.max(1)) {
+        let (ids, mask) = crate::collate::pad(c, pad_id, crate::collate::PadSide::Right, rm.gpt2.device())?;
+        let s = rm.scores(&ids, &mask, &mut rlhf_models::Fwd::eval())?;
+        out.extend(s.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
