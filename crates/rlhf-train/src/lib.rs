@@ -14,6 +14,7 @@ pub mod ppo_run;
 pub mod reward;
 pub mod score;
 pub mod sft;
+pub mod synth;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
