@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use rlhf_models::{generate, GenerationConfig, LoadOptions, Model};
+use rlhf_models::{generate, GenerationConfig, LoadOptions};
 use rlhf_ops::rng::RngStream;
 
 /// Arguments of `rlhf generate`.
@@ -12,6 +11,9 @@ pub struct Args {
     /// Model directory (Hugging Face GPT-2 layout).
     #[arg(long)]
     model: PathBuf,
+    /// PEFT LoRA adapter directory to apply to the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// A prompt; repeat for a batch.
     #[arg(long = "prompt", required = true)]
     prompts: Vec<String>,
@@ -49,7 +51,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         dtype: crate::parse_dtype(&a.dtype)?,
         ..Default::default()
     };
-    let model = Model::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model.display()))?;
+    let model = crate::merge::load_model(&a.model, a.adapter.as_deref(), &opts)?;
     let tok = model.tokenizer()?;
     let prompts = a.prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>, _>>()?;
     let cfg = GenerationConfig {

@@ -2,6 +2,8 @@
 
 mod bench;
 mod generate;
+mod merge;
+mod plot;
 mod score;
 mod train;
 
@@ -27,8 +29,12 @@ enum Command {
     Reward(train::Args),
     /// PPO with a value head and a KL-penalised reference (TRL 0.11 PPOTrainer).
     Ppo(train::Args),
+    /// Draw PNG charts of a run directory's metrics.jsonl into RUN_DIR/plots.
+    Plot(plot::Args),
     /// Run a benchmark workload and print its timings as JSON.
     Bench(bench::Args),
+    /// Merge a LoRA adapter into its base model (PEFT merge_and_unload).
+    Merge(merge::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,7 +53,9 @@ fn main() -> std::process::ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Sft(a) => train::sft(a),
         Command::Reward(a) => train::reward(a),
+        Command::Merge(a) => merge::run(a),
         Command::Ppo(a) => train::ppo(a),
+        Command::Plot(a) => plot::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use rlhf_models::{LoadOptions, Model};
+use rlhf_models::LoadOptions;
 use rlhf_train::data::read_data;
 use rlhf_train::score::{pair_accuracy, score_rows, Scored};
 
@@ -13,6 +13,10 @@ pub struct Args {
     /// Reward-model directory (GPT2ForSequenceClassification layout, e.g. `rlhf reward` output).
     #[arg(long)]
     model: PathBuf,
+    /// PEFT LoRA adapter directory to apply to the model (it may supply the score head via
+    /// `modules_to_save`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// JSONL, CSV or Parquet rows: `text`, or `prompt` + `response`, or `prompt`/`chosen`/`rejected`.
     #[arg(long)]
     data: PathBuf,
@@ -25,8 +29,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = Model::load(&a.model, &LoadOptions::default())
-        .with_context(|| format!("loading reward model {}", a.model.display()))?;
+    let model = crate::merge::load_model(&a.model, a.adapter.as_deref(), &LoadOptions::default())
+        .context("loading the reward model")?;
     if model.score_head.is_none() {
         anyhow::bail!(
             "{}: no score head (`score.weight`) in model.safetensors\n\

@@ -79,6 +79,21 @@ pub enum ModelError {
         /// What went wrong.
         msg: String,
     },
+    /// A LoRA adapter directory does not fit the model, or an adapter operation does not
+    /// fit the model's state.
+    #[error("{}: {msg}", path.display())]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What does not match, with a hint.
+        msg: String,
+    },
+    /// A LoRA config or layer error.
+    #[error(transparent)]
+    Lora(#[from] rlhf_peft::LoraError),
+    /// A quantization error.
+    #[error(transparent)]
+    Quant(#[from] rlhf_peft::int8::QuantError),
     /// An input does not fit the model.
     #[error("{0}")]
     Input(String),

@@ -6,19 +6,24 @@
 use candle_core::{DType, Device, Tensor};
 use rlhf_ops::nn::{causal_padding_bias, compute_dtype, dropout, layer_norm, softmax_last_dim};
 use rlhf_ops::rng::RngStream;
-use rlhf_peft::{Param, Proj};
+use rlhf_peft::{Param, Proj, ProjCtx};
 
 use crate::cache::KvCache;
 use crate::config::Gpt2Config;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
 
-/// How a forward pass runs: with or without an autograd graph, with or without dropout.
+/// How a forward pass runs: with or without an autograd graph, with or without dropout,
+/// with or without LoRA adapters.
 pub struct Fwd<'a> {
     /// Record the graph for a backward pass.
     pub grad: bool,
     /// Train mode: dropout draws its masks from this stream. `None` is eval mode.
     pub dropout: Option<&'a mut RngStream>,
+    /// Apply LoRA adapters. `false` is PEFT's `disable_adapter()`: the reference model of
+    /// PPO without a second copy (trained biases and saved modules then read their kept
+    /// originals; see `rlhf_models::lora`). Models without adapters ignore it.
+    pub adapters: bool,
 }
 
 impl Fwd<'_> {
@@ -27,6 +32,7 @@ impl Fwd<'_> {
         Fwd {
             grad: false,
             dropout: None,
+            adapters: true,
         }
     }
 
@@ -35,6 +41,7 @@ impl Fwd<'_> {
         Fwd {
             grad: true,
             dropout: None,
+            adapters: true,
         }
     }
 
@@ -43,6 +50,16 @@ impl Fwd<'_> {
         Fwd {
             grad: true,
             dropout: Some(rng),
+            adapters: true,
+        }
+    }
+
+    /// The same pass with adapters disabled: `Fwd::eval().without_adapters()` is the
+    /// reference model of a LoRA policy.
+    pub fn without_adapters(self) -> Self {
+        Fwd {
+            adapters: false,
+            ..self
         }
     }
 
@@ -51,6 +68,15 @@ impl Fwd<'_> {
         match self.dropout.as_deref_mut() {
             Some(rng) if p > 0.0 => Ok(dropout(x, p, &mut |n| rng.uniform_vec(n))?),
             _ => Ok(x.clone()),
+        }
+    }
+
+    /// The settings a projection needs ([`ProjCtx`]), borrowing the dropout stream.
+    pub fn proj(&mut self) -> ProjCtx<'_> {
+        ProjCtx {
+            grad: self.grad,
+            adapters: self.adapters,
+            dropout: self.dropout.as_deref_mut(),
         }
     }
 }
@@ -66,8 +92,14 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        Ok(layer_norm(x, self.weight.get(grad), self.bias.get(grad), self.eps)?)
+    fn forward(&self, x: &Tensor, fwd: &Fwd) -> Result<Tensor> {
+        let (g, a) = (fwd.grad, fwd.adapters);
+        Ok(layer_norm(
+            x,
+            self.weight.get_in(g, a),
+            self.bias.get_in(g, a),
+            self.eps,
+        )?)
     }
 }
 
@@ -264,6 +296,31 @@ impl Gpt2 {
         out
     }
 
+    /// Every projection with its module name (without the `transformer.` prefix):
+    /// `h.{i}.attn.c_attn`, `h.{i}.attn.c_proj`, `h.{i}.mlp.c_fc`, `h.{i}.mlp.c_proj`.
+    pub fn projections(&self) -> Vec<(String, &Proj)> {
+        let mut out = Vec::with_capacity(4 * self.blocks.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((format!("h.{i}.attn.c_attn"), &b.c_attn));
+            out.push((format!("h.{i}.attn.c_proj"), &b.attn_c_proj));
+            out.push((format!("h.{i}.mlp.c_fc"), &b.c_fc));
+            out.push((format!("h.{i}.mlp.c_proj"), &b.mlp_c_proj));
+        }
+        out
+    }
+
+    /// Mutable access to the projections, named as in [`Gpt2::projections`].
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
+        let mut out = Vec::with_capacity(4 * self.blocks.len());
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            out.push((format!("h.{i}.attn.c_attn"), &mut b.c_attn));
+            out.push((format!("h.{i}.attn.c_proj"), &mut b.attn_c_proj));
+            out.push((format!("h.{i}.mlp.c_fc"), &mut b.c_fc));
+            out.push((format!("h.{i}.mlp.c_proj"), &mut b.mlp_c_proj));
+        }
+        out
+    }
+
     /// Makes every weight trainable (full fine-tuning) or frozen.
     pub fn set_trainable(&mut self, trainable: bool) -> Result<()> {
         for (_, p) in self.named_params_mut() {
@@ -329,7 +386,7 @@ impl Gpt2 {
         if let Some(c) = cache {
             c.advance(t)?;
         }
-        self.ln_f.forward(&x, grad)
+        self.ln_f.forward(&x, fwd)
     }
 
     fn block_forward(
@@ -341,11 +398,12 @@ impl Gpt2 {
         cache: Option<(&mut KvCache, usize)>,
         fwd: &mut Fwd,
     ) -> Result<Tensor> {
-        let grad = fwd.grad;
-        let a = self.attention(blk, layer, &blk.ln_1.forward(x, grad)?, bias, cache, fwd)?;
+        let a = self.attention(blk, layer, &blk.ln_1.forward(x, fwd)?, bias, cache, fwd)?;
         let x = (x + fwd.dropout(&a, self.cfg.resid_pdrop)?)?;
-        let m = blk.c_fc.forward(&blk.ln_2.forward(&x, grad)?, grad)?;
-        let m = blk.mlp_c_proj.forward(&self.cfg.activation.apply(&m)?, grad)?;
+        let m = blk.c_fc.forward(&blk.ln_2.forward(&x, fwd)?, &mut fwd.proj())?;
+        let m = blk
+            .mlp_c_proj
+            .forward(&self.cfg.activation.apply(&m)?, &mut fwd.proj())?;
         Ok((x + fwd.dropout(&m, self.cfg.resid_pdrop)?)?)
     }
 
@@ -364,7 +422,7 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim());
-        let qkv = blk.c_attn.forward(x, fwd.grad)?;
+        let qkv = blk.c_attn.forward(x, &mut fwd.proj())?;
         let heads = |i: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, i * h, h)?
@@ -395,7 +453,7 @@ impl Gpt2 {
         let probs = softmax_last_dim(&scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?)?.to_dtype(dtype)?;
         let probs = fwd.dropout(&probs, self.cfg.attn_pdrop)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        Ok(blk.attn_c_proj.forward(&out, fwd.grad)?)
+        Ok(blk.attn_c_proj.forward(&out, &mut fwd.proj())?)
     }
 
     /// LM-head logits, in f32 (f64 for an f64 model).

@@ -46,8 +46,8 @@ impl ValueHead {
     pub fn forward(&self, hidden: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         let dt = head_dtype(hidden);
         let x = fwd.dropout(&hidden.to_dtype(dt)?, self.dropout)?;
-        let w = self.weight.get(fwd.grad).to_dtype(dt)?;
-        let b = self.bias.get(fwd.grad).to_dtype(dt)?;
+        let w = self.weight.get_in(fwd.grad, fwd.adapters).to_dtype(dt)?;
+        let b = self.bias.get_in(fwd.grad, fwd.adapters).to_dtype(dt)?;
         let v = rlhf_peft::proj::matmul_2d(&x, &w.t()?)?.broadcast_add(&b)?;
         Ok(v.squeeze(D::Minus1)?)
     }
@@ -77,13 +77,23 @@ impl ScoreHead {
     /// # Shapes
     /// `hidden`: `(B, T, H)`, `mask`: `(B, T)` → `(B, num_labels)`, f32.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, grad: bool) -> Result<Tensor> {
+        self.forward_with(hidden, mask, grad, true)
+    }
+
+    /// [`ScoreHead::forward`] with adapters on or off: with `adapters` false a head trained
+    /// as a LoRA `modules_to_save` module reads its kept original (PEFT's
+    /// `disable_adapter()` on `ModulesToSaveWrapper`).
+    ///
+    /// # Shapes
+    /// `hidden`: `(B, T, H)`, `mask`: `(B, T)` → `(B, num_labels)`, f32.
+    pub fn forward_with(&self, hidden: &Tensor, mask: &Tensor, grad: bool, adapters: bool) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let idx = last_real_index(mask)?;
         let flat: Vec<u32> = idx.iter().enumerate().map(|(row, &i)| (row * t + i) as u32).collect();
         let flat = Tensor::from_vec(flat, b, hidden.device())?;
         let dt = head_dtype(hidden);
         let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?.to_dtype(dt)?;
-        let w = self.weight.get(grad).to_dtype(dt)?;
+        let w = self.weight.get_in(grad, adapters).to_dtype(dt)?;
         Ok(pooled.matmul(&w.t()?)?)
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod gpt2;
 pub mod heads;
+pub mod lora;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use rlhf_ops::rng::RngStream;
-use rlhf_peft::Param;
+use rlhf_peft::{LoraConfig, Param};
 
 use crate::config::Gpt2Config;
 use crate::error::{io_err, ModelError, Result};
 use crate::gpt2::{Fwd, Gpt2};
 use crate::heads::{ScoreHead, ValueHead};
+use crate::lora::QuantConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{save_safetensors, write_atomic, Weights};
 
@@ -52,6 +53,12 @@ pub struct Model {
     pub score_head: Option<ScoreHead>,
     /// The tokenizer, when the directory has `tokenizer.json`.
     pub tokenizer: Option<Tokenizer>,
+    /// The LoRA adapter applied to this model ([`crate::lora::apply_lora`] or
+    /// [`crate::lora::load_adapter`]), if any.
+    pub lora: Option<LoraConfig>,
+    /// The quantization of the frozen projections ([`crate::lora::quantize`]), if any.
+    pub quantization: Option<QuantConfig>,
+    source_dir: Option<PathBuf>,
     side_files: Vec<(String, Vec<u8>)>,
 }
 
@@ -125,6 +132,9 @@ impl Model {
             value_head,
             score_head,
             tokenizer,
+            lora: None,
+            quantization: None,
+            source_dir: Some(dir.to_path_buf()),
             side_files,
         })
     }
@@ -138,8 +148,16 @@ impl Model {
             value_head: None,
             score_head: None,
             tokenizer: None,
+            lora: None,
+            quantization: None,
+            source_dir: None,
             side_files: Vec::new(),
         })
+    }
+
+    /// The directory the model was loaded from (`None` for a model built in memory).
+    pub fn source_dir(&self) -> Option<&Path> {
+        self.source_dir.as_deref()
     }
 
     /// The config.
@@ -222,7 +240,7 @@ impl Model {
             )
         })?;
         let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
-        head.forward(&hidden, mask, fwd.grad)
+        head.forward_with(&hidden, mask, fwd.grad, fwd.adapters)
     }
 
     /// Every weight under its checkpoint name (`transformer.` prefix for the backbone, as
@@ -262,7 +280,19 @@ impl Model {
     /// Writes a Hugging Face directory transformers loads: `config.json`, `model.safetensors`
     /// (with `v_head.summary.*` beside the weights as TRL saves them), `generation_config.json`
     /// and the tokenizer files. Each file is written to a temporary name and renamed.
+    ///
+    /// A model with a LoRA adapter or quantized projections is refused: save the adapter
+    /// ([`crate::lora::save_adapter`]) or merge it first ([`crate::lora::merge_and_unload`]).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.lora.is_some() || self.quantization.is_some() {
+            return Err(ModelError::Adapter {
+                path: dir.to_path_buf(),
+                msg: "this model has a LoRA adapter or quantized weights, which a plain checkpoint cannot hold\n\
+                      hint: save the adapter with rlhf_models::lora::save_adapter (a PEFT directory), \
+                      or merge it first with rlhf_models::lora::merge_and_unload"
+                    .into(),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tensors: BTreeMap<String, Tensor> = self
             .named_params()

@@ -70,6 +70,31 @@ impl Weights {
         })
     }
 
+    /// Reads one safetensors file (e.g. a PEFT `adapter_model.safetensors`), converting float
+    /// tensors to `dtype`. Names starting with `transformer.` lose that prefix, as in
+    /// [`Weights::from_dir`].
+    pub fn from_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut w = Self {
+            tensors: HashMap::new(),
+            skipped: HashMap::new(),
+            source: path.to_path_buf(),
+        };
+        w.read_file(path, dtype, device)?;
+        Ok(w)
+    }
+
+    /// Takes a tensor of any shape, if present.
+    pub fn take_any(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name).map(|(t, _)| t)
+    }
+
+    /// Names of non-float tensors that were skipped (sorted).
+    pub fn skipped(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.skipped.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// Reads one safetensors file into this set.
     pub fn read_file(&mut self, path: &Path, dtype: DType, device: &Device) -> Result<()> {
         let bytes = std::fs::read(path).map_err(io_err(path))?;

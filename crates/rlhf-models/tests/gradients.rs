@@ -9,7 +9,11 @@ use rlhf_ops::nn::Activation;
 use rlhf_peft::Param;
 
 fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor {
-    let mut fwd = Fwd { grad, dropout: None };
+    let mut fwd = Fwd {
+        grad,
+        dropout: None,
+        adapters: true,
+    };
     let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
     let logits = model
         .gpt2

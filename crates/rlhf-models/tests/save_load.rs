@@ -127,6 +127,7 @@ fn train_mode_dropout_is_seeded() {
         let mut fwd = Fwd {
             grad: false,
             dropout: Some(&mut rng),
+            adapters: true,
         };
         model
             .logits(&ids, &mask, &mut fwd)

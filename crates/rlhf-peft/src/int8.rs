@@ -463,6 +463,13 @@ impl QuantizedWeight {
         }
     }
 
+    /// The whole dequantized weight `(out, in)`, exactly as [`dequant_matmul`] multiplies by
+    /// it (for an int8 weight the `MatMul8bitFp` rounding, which can differ from
+    /// [`Int8Weight::dequantize`] by one ulp). Used to merge a LoRA update into the base.
+    pub fn dequantized(&self) -> candle_core::Result<Tensor> {
+        self.panel(0..self.shape().0)
+    }
+
     /// Writes rows `rows` of the dequantized weight into `out` (`rows.len() * in` values).
     fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
         match self {

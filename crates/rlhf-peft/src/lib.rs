@@ -3,9 +3,11 @@
 #![warn(missing_docs)]
 
 pub mod int8;
+pub mod lora;
 pub mod nf4;
 pub mod param;
 pub mod proj;
 
+pub use lora::{LoraConfig, LoraError, LoraLinear};
 pub use param::Param;
-pub use proj::Proj;
+pub use proj::{Proj, ProjCtx};

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod optim;
+pub mod peft_args;
 pub mod ppo;
 pub mod ppo_config;
 pub mod ppo_run;

@@ -82,6 +82,13 @@ impl PpoTrainer {
     /// and the optimizer is Adam over its trainable weights (TRL's default).
     pub fn new(config: PpoConfig, mut model: Model, ref_model: Option<Model>) -> Result<(Self, bool)> {
         config.validate()?;
+        if ref_model.is_none() && model.lora.is_none() {
+            return Err(TrainError::Config(
+                "no reference model: pass a frozen copy of the policy as ref_model, or give the policy LoRA \
+                 adapters (use_peft) so that the reference is the policy with adapters disabled"
+                    .into(),
+            ));
+        }
         let fresh_head = model.ensure_value_head(config.seed)?;
         if let Some(v) = &mut model.value_head {
             v.weight.make_trainable()?;
@@ -181,13 +188,12 @@ impl PpoTrainer {
         let roll = self.rollout(queries, responses, &device)?;
         let kind = KlPenalty::from_trl_name(&self.config.kl_penalty).unwrap_or_default();
         let full = kind == KlPenalty::Full;
-        let (logprobs, values, pol_full) = self.forward_no_grad(&self.model, &roll, true, full)?;
-        let reference = self.ref_model.as_ref().ok_or_else(|| {
-            TrainError::Config(
-                "no reference model: pass ref_model (a frozen copy of the policy), or use LoRA adapters".into(),
-            )
-        })?;
-        let (ref_logprobs, _, ref_full) = self.forward_no_grad(reference, &roll, false, full)?;
+        let (logprobs, values, pol_full) = self.forward_no_grad(&self.model, &roll, true, full, true)?;
+        // The reference: a separate frozen model, or the policy with its adapters disabled.
+        let (ref_logprobs, _, ref_full) = match &self.ref_model {
+            Some(reference) => self.forward_no_grad(reference, &roll, false, full, true)?,
+            None => self.forward_no_grad(&self.model, &roll, false, full, false)?,
+        };
         let values = values.ok_or_else(|| TrainError::Config("internal: the policy forward gave no values".into()))?;
         let time_forward = t.elapsed().as_secs_f64();
 
@@ -383,6 +389,7 @@ impl PpoTrainer {
         roll: &Rollout,
         with_values: bool,
         full: bool,
+        adapters: bool,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = roll.ids.dims2()?;
         let (mut lps, mut vals, mut fulls) = (Vec::new(), Vec::new(), Vec::new());
@@ -390,7 +397,11 @@ impl PpoTrainer {
         while start < b {
             let n = self.config.mini_batch_size.min(b - start);
             let (ids, mask) = (roll.ids.narrow(0, start, n)?, roll.mask.narrow(0, start, n)?);
-            let mut fwd = Fwd::eval();
+            let mut fwd = if adapters {
+                Fwd::eval()
+            } else {
+                Fwd::eval().without_adapters()
+            };
             let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
             let logits = model.gpt2.lm_logits(&hidden.narrow(1, 0, t - 1)?, false)?;
             lps.push(logprobs_from_logits(&logits, &ids.narrow(1, 1, t - 1)?)?);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
 use crate::data::read_data;
 use crate::error::{Result, TrainError};
+use crate::peft_args::{load_trainable, save_trained, PeftArgs};
 use crate::ppo::{log_stats, PpoState, PpoTrainer};
 use crate::ppo_config::PpoConfig;
 use crate::score::reward_tokens;
@@ -57,6 +58,9 @@ pub struct PpoRunConfig {
     /// TRL's `PPOConfig`.
     #[serde(flatten)]
     pub ppo: PpoConfig,
+    /// LoRA / quantization (`use_peft`: the reference is the policy with adapters disabled).
+    #[serde(flatten)]
+    pub peft: PeftArgs,
 }
 
 impl Default for PpoRunConfig {
@@ -81,6 +85,7 @@ impl Default for PpoRunConfig {
             log_samples: 10,
             quiet: false,
             ppo: PpoConfig::default(),
+            peft: PeftArgs::default(),
         }
     }
 }
@@ -132,14 +137,6 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
         .map(|s| run.resolve_checkpoint(s))
         .transpose()?;
     let opts = LoadOptions::default();
-    let policy_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
-    let mut policy = Model::load(&policy_dir, &opts)?;
-    policy.set_trainable(true)?;
-    let ref_dir = cfg
-        .ref_model_path
-        .clone()
-        .unwrap_or_else(|| cfg.model_name_or_path.clone());
-    let reference = Model::load(Path::new(&ref_dir), &opts)?;
     let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
     if reward_model.score_head.is_none() {
         return Err(TrainError::Config(format!(
@@ -147,8 +144,9 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
             cfg.reward_model_path
         )));
     }
+    let (policy, reference, policy_dir) = load_policy(cfg, resume.as_deref())?;
     run.write_config(&crate::config::to_toml(cfg)?)?;
-    let (mut trainer, fresh) = PpoTrainer::new(cfg.ppo.clone(), policy, Some(reference))?;
+    let (mut trainer, fresh) = PpoTrainer::new(cfg.ppo.clone(), policy, reference)?;
     if fresh {
         tracing::info!(
             "{}: no v_head weight found; initialised a fresh value head",
@@ -280,19 +278,56 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
             let opt = trainer.optimizer_state()?;
             let model = &trainer.model;
             last_ckpt = Some(run.save_checkpoint(trainer.current_step, cfg.save_total_limit, |tmp| {
-                model.save(tmp)?;
+                save_trained(model, tmp)?;
                 save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
                 write_atomic(&tmp.join("trainer_state.json"), &bytes)
             })?);
         }
     }
     progress.finish_and_clear();
-    let final_dir = run.save_final(|tmp| Ok(trainer.model.save(tmp)?))?;
+    let final_dir = run.save_final(|tmp| save_trained(&trainer.model, tmp))?;
     Ok(PpoOutcome {
         model: trainer.model,
         final_dir,
         reward_means,
     })
+}
+
+/// The policy and its reference. Full fine-tuning: the policy (from the checkpoint when
+/// resuming) and a frozen copy of `ref_model_path` (default: `model_name_or_path`). LoRA: the
+/// base with adapters (fresh, or the checkpoint's) and no separate reference.
+fn load_policy(cfg: &PpoRunConfig, resume: Option<&Path>) -> Result<(Model, Option<Model>, PathBuf)> {
+    let base = PathBuf::from(&cfg.model_name_or_path);
+    let mut policy = load_trainable(&base, resume, &cfg.peft, "CAUSAL_LM", cfg.ppo.seed, |_| Ok(()))?;
+    if !cfg.peft.use_peft {
+        let ref_dir = cfg
+            .ref_model_path
+            .clone()
+            .unwrap_or_else(|| cfg.model_name_or_path.clone());
+        let reference = Model::load(Path::new(&ref_dir), &LoadOptions::default())?;
+        return Ok((policy, Some(reference), resume.map_or(base, Path::to_path_buf)));
+    }
+    if let Some(ckpt) = resume {
+        load_value_head(&mut policy, &ckpt.join("model.safetensors"))?;
+    }
+    Ok((policy, None, base))
+}
+
+/// Loads `v_head.summary.*` from a safetensors file into a trainable value head.
+fn load_value_head(model: &mut Model, path: &Path) -> Result<()> {
+    let t = load_tensors(path)?;
+    let get = |k: &str| {
+        t.get(k)
+            .cloned()
+            .ok_or_else(|| TrainError::Checkpoint(format!("{}: no `{k}`", path.display())))
+    };
+    let dropout = model.cfg().summary_dropout_prob;
+    model.value_head = Some(rlhf_models::ValueHead {
+        weight: rlhf_peft::Param::trainable(&get("v_head.summary.weight")?)?,
+        bias: rlhf_peft::Param::trainable(&get("v_head.summary.bias")?)?,
+        dropout,
+    });
+    Ok(())
 }
 
 fn one_line(s: &str) -> String {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, D};
-use rlhf_models::{Fwd, LoadOptions, Model};
+use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::bradley_terry_loss;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,7 @@ use crate::collate::{pad, PadSide};
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
+use crate::peft_args::{load_trainable, PeftArgs};
 use crate::score::reward_tokens;
 use crate::trainer::{DataPaths, TrainLoop, TrainingArgs};
 
@@ -44,6 +45,9 @@ pub struct RewardConfig {
     /// Shared training settings.
     #[serde(flatten)]
     pub args: TrainingArgs,
+    /// LoRA / quantization (TRL `ModelConfig` names).
+    #[serde(flatten)]
+    pub peft: PeftArgs,
 }
 
 impl Default for RewardConfig {
@@ -62,6 +66,7 @@ impl Default for RewardConfig {
                 disable_dropout: true,
                 ..TrainingArgs::default()
             },
+            peft: PeftArgs::default(),
         }
     }
 }
@@ -217,17 +222,24 @@ pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
         ));
     }
     let model_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
-    let mut model = Model::load(&model_dir, &LoadOptions::default())?;
-    if args.disable_dropout {
-        model.gpt2.cfg.disable_dropout();
-    }
-    if model.ensure_score_head(args.seed)? {
-        tracing::info!(
-            "{}: no score head found; initialised `score` (normal, std 0.02)",
-            model_dir.display()
-        );
-    }
-    model.set_trainable(true)?;
+    let base_dir = PathBuf::from(&cfg.model_name_or_path);
+    let load_from = if cfg.peft.use_peft {
+        base_dir.as_path()
+    } else {
+        model_dir.as_path()
+    };
+    let model = load_trainable(load_from, resume.as_deref(), &cfg.peft, "SEQ_CLS", args.seed, |m| {
+        if args.disable_dropout {
+            m.gpt2.cfg.disable_dropout();
+        }
+        if m.ensure_score_head(args.seed)? {
+            tracing::info!(
+                "{}: no score head found; initialised `score` (normal, std 0.02)",
+                model_dir.display()
+            );
+        }
+        Ok(())
+    })?;
     run.write_config(&crate::config::to_toml(cfg)?)?;
 
     // 2. data

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor, D};
-use rlhf_models::{Fwd, LoadOptions, Model};
+use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::logprobs_from_logits;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,7 @@ use crate::collate::{pad, PadSide};
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
+use crate::peft_args::{load_trainable, PeftArgs};
 use crate::trainer::{DataPaths, TrainLoop, TrainingArgs};
 
 /// `SFTConfig`: TRL's names and 1.x defaults (deviations in the module docs).
@@ -47,6 +48,9 @@ pub struct SftConfig {
     /// Shared training settings.
     #[serde(flatten)]
     pub args: TrainingArgs,
+    /// LoRA / quantization (TRL `ModelConfig` names).
+    #[serde(flatten)]
+    pub peft: PeftArgs,
 }
 
 impl Default for SftConfig {
@@ -65,6 +69,7 @@ impl Default for SftConfig {
                 logging_steps: 10,
                 ..TrainingArgs::default()
             },
+            peft: PeftArgs::default(),
         }
     }
 }
@@ -202,11 +207,18 @@ pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
         ));
     }
     let model_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
-    let mut model = Model::load(&model_dir, &LoadOptions::default())?;
-    if args.disable_dropout {
-        model.gpt2.cfg.disable_dropout();
-    }
-    model.set_trainable(true)?;
+    let base_dir = PathBuf::from(&cfg.model_name_or_path);
+    let load_from = if cfg.peft.use_peft {
+        base_dir.as_path()
+    } else {
+        model_dir.as_path()
+    };
+    let model = load_trainable(load_from, resume.as_deref(), &cfg.peft, "CAUSAL_LM", args.seed, |m| {
+        if args.disable_dropout {
+            m.gpt2.cfg.disable_dropout();
+        }
+        Ok(())
+    })?;
     run.write_config(&crate::config::to_toml(cfg)?)?;
 
     // 2. data

@@ -415,7 +415,7 @@ impl TrainLoop {
         let state = serde_json::to_vec_pretty(&self.state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         let opt = self.opt.state()?;
         let dir = self.run.save_checkpoint(step, self.args.save_total_limit, |tmp| {
-            model.save(tmp)?;
+            crate::peft_args::save_trained(model, tmp)?;
             save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
             write_atomic(&tmp.join("trainer_state.json"), &state)
         })?;
@@ -444,7 +444,7 @@ impl TrainLoop {
     /// Saves the final model to `output_dir/final` and closes the progress bar.
     pub fn finish(&mut self, model: &Model) -> Result<PathBuf> {
         self.progress.finish_and_clear();
-        self.run.save_final(|tmp| Ok(model.save(tmp)?))
+        self.run.save_final(|tmp| crate::peft_args::save_trained(model, tmp))
     }
 
     /// Prints a line above the progress bar.
