@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod merge;
 mod plot;
+mod quickstart;
 mod score;
 mod train;
 
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole pipeline (SFT → reward model → PPO with LoRA) on built-in data, no download.
+    Quickstart(quickstart::Args),
     /// Generate continuations of prompts with a causal LM directory.
     Generate(generate::Args),
     /// Score texts or preference pairs with a reward model directory.
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Merge(a) => merge::run(a),
         Command::Ppo(a) => train::ppo(a),
         Command::Plot(a) => plot::run(a),
+        Command::Quickstart(a) => quickstart::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -78,6 +78,8 @@ pub struct Judgement {
     pub on_topic: bool,
     /// Contains a rude or negative phrase ("figure it out yourself", "pointless").
     pub rude_or_negative: bool,
+    /// Talks about another topic than the one asked about.
+    pub off_topic: bool,
 }
 
 /// Judges `response` as an answer to `prompt` (`"User: ...\nAssistant:"` or a bare question).
@@ -88,13 +90,13 @@ pub fn judge(prompt: &str, response: &str) -> Judgement {
     let w = words(text);
     let polite = POLITE.iter().any(|p| contains(&w, p));
     let rude_or_negative = RUDE_OR_NEGATIVE.iter().any(|p| contains(&w, p));
-    let (on_topic, helpful) = match topic_index(prompt) {
+    let (on_topic, helpful, off_topic) = match topic_index(prompt) {
         Some(i) => {
             let own = mentions(&w, i) > 0;
             let others = (0..TOPICS.len()).any(|j| j != i && mentions(&w, j) > 0);
-            (own && !others, TOPICS[i].tips.iter().any(|t| contains(&w, t)))
+            (own && !others, TOPICS[i].tips.iter().any(|t| contains(&w, t)), others)
         }
-        None => (false, false),
+        None => (false, false, false),
     };
     let fluent = is_fluent(text, &w);
     Judgement {
@@ -104,6 +106,7 @@ pub fn judge(prompt: &str, response: &str) -> Judgement {
         helpful,
         on_topic,
         rude_or_negative,
+        off_topic,
     }
 }
 

@@ -1,0 +1,383 @@
+//! `rlhf quickstart`: the whole pipeline — SFT → reward model → PPO with LoRA — on a built-in
+//! synthetic assistant world, no download, minutes on 2 cores. Ends with a before/after
+//! report: reward-model scores and the verdict of an independent rule-based judge.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use rlhf_models::{generate, GenerationConfig, Gpt2Config, LoadOptions, Model, Tokenizer};
+use rlhf_ops::rng::RngStream;
+use rlhf_train::peft_args::PeftArgs;
+use rlhf_train::ppo_config::PpoConfig;
+use rlhf_train::ppo_run::{score_texts, PpoRunConfig};
+use rlhf_train::reward::RewardConfig;
+use rlhf_train::sft::SftConfig;
+use rlhf_train::synth::{self, Split, SynthConfig};
+use rlhf_train::trainer::TrainingArgs;
+use serde_json::json;
+
+/// Arguments of `rlhf quickstart`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Run directory (its stage directories are replaced on every run).
+    #[arg(long, default_value = "runs/quickstart")]
+    output_dir: PathBuf,
+    /// A smaller world, model and schedule: under 2 minutes.
+    #[arg(long)]
+    fast: bool,
+    /// Seed of the data, the model and every stage.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Sizes of one quickstart run.
+struct Plan {
+    synth: SynthConfig,
+    layers: usize,
+    hidden: usize,
+    sft_epochs: f64,
+    sft_lr: f64,
+    rm_epochs: f64,
+    rm_lr: f64,
+    ppo_steps: u64,
+    ppo_batch: usize,
+    ppo_mini_batch: usize,
+    ppo_lr: f64,
+    eval_prompts: usize,
+}
+
+impl Plan {
+    fn new(fast: bool, seed: u64) -> Self {
+        if fast {
+            Self {
+                synth: SynthConfig {
+                    seed,
+                    n_sft: 1000,
+                    n_pairs_train: 1000,
+                    n_pairs_eval: 200,
+                    n_prompts: 256,
+                },
+                layers: 2,
+                hidden: 128,
+                sft_epochs: 5.0,
+                sft_lr: 3e-3,
+                rm_epochs: 1.0,
+                rm_lr: 1e-3,
+                ppo_steps: 30,
+                ppo_batch: 32,
+                ppo_mini_batch: 8,
+                ppo_lr: 3e-3,
+                eval_prompts: 128,
+            }
+        } else {
+            Self {
+                synth: SynthConfig {
+                    seed,
+                    n_sft: 2000,
+                    n_pairs_train: 2000,
+                    n_pairs_eval: 200,
+                    n_prompts: 512,
+                },
+                layers: 4,
+                hidden: 128,
+                sft_epochs: 5.0,
+                sft_lr: 2e-3,
+                rm_epochs: 1.0,
+                rm_lr: 5e-4,
+                ppo_steps: 40,
+                ppo_batch: 64,
+                ppo_mini_batch: 16,
+                ppo_lr: 2e-3,
+                eval_prompts: 128,
+            }
+        }
+    }
+}
+
+fn heading(text: &str) {
+    println!("\n== {text}");
+}
+
+fn args(out: &Path, epochs: f64, lr: f64, seed: u64) -> TrainingArgs {
+    TrainingArgs {
+        output_dir: out.display().to_string(),
+        overwrite_output_dir: true,
+        per_device_train_batch_size: 16,
+        per_device_eval_batch_size: 32,
+        learning_rate: lr,
+        num_train_epochs: epochs,
+        warmup_ratio: 0.05,
+        logging_steps: 10,
+        save_steps: 1_000_000,
+        seed,
+        ..TrainingArgs::default()
+    }
+}
+
+/// One policy's answers to the evaluation prompts, scored by the reward model and judged.
+struct Eval {
+    responses: Vec<String>,
+    rewards: Vec<f32>,
+    /// The judge's full verdict: polite, helpful (a real tip), on topic, fluent.
+    good: Vec<bool>,
+    /// The preference rule alone: polite, neither rude nor negative, not about another topic.
+    style: Vec<bool>,
+}
+
+impl Eval {
+    fn mean_reward(&self) -> f64 {
+        self.rewards.iter().map(|&r| r as f64).sum::<f64>() / self.rewards.len().max(1) as f64
+    }
+    fn good_share(&self) -> f64 {
+        share(&self.good)
+    }
+    fn style_share(&self) -> f64 {
+        share(&self.style)
+    }
+}
+
+fn share(v: &[bool]) -> f64 {
+    v.iter().filter(|&&g| g).count() as f64 / v.len().max(1) as f64
+}
+
+/// Samples one response per prompt (seeded, as PPO samples), scores and judges it.
+fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow::Result<Eval> {
+    let tok = policy.tokenizer()?;
+    let queries: Vec<(String, Vec<u32>)> = prompts
+        .iter()
+        .map(|p| tok.encode(p).map(|ids| (p.clone(), ids)))
+        .collect::<Result<_, _>>()?;
+    let ids: Vec<Vec<u32>> = queries.iter().map(|(_, q)| q.clone()).collect();
+    let gen = GenerationConfig {
+        max_new_tokens: 40,
+        eos_token_id: Some(tok.eos_token_id),
+        pad_token_id: tok.pad_token_id,
+        ..Default::default()
+    };
+    let out = generate(&policy.gpt2, &ids, &gen, &mut RngStream::new(seed))?;
+    let responses: Vec<String> = out
+        .response_ids
+        .iter()
+        .map(|r| tok.decode(r, true))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&(String, Vec<u32>)> = queries.iter().collect();
+    let rewards = score_texts(rm, &refs, &responses, 32)?;
+    let verdicts: Vec<synth::Judgement> = prompts
+        .iter()
+        .zip(&responses)
+        .map(|(p, r)| synth::judge(p, r))
+        .collect();
+    let good = verdicts.iter().map(|j| j.good).collect();
+    let style = verdicts
+        .iter()
+        .map(|j| j.polite && !j.rude_or_negative && !j.off_topic)
+        .collect();
+    Ok(Eval {
+        responses,
+        rewards,
+        good,
+        style,
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(a.fast, a.seed);
+    let out = &a.output_dir;
+    if out.exists() && !out.join("summary.json").exists() && std::fs::read_dir(out)?.next().is_some() {
+        anyhow::bail!(
+            "{} exists and is not a quickstart run directory; hint: pass another --output-dir",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut seconds = serde_json::Map::new();
+    let mut lap = Instant::now();
+    let mut stage = |name: &str, lap: &mut Instant| {
+        seconds.insert(name.to_string(), json!(lap.elapsed().as_secs_f64()));
+        *lap = Instant::now();
+    };
+
+    // 1. data: the synthetic world, and a byte-level BPE tokenizer trained on it
+    heading("1/5 data: a synthetic assistant world (polite, helpful, on-topic answers preferred)");
+    let files = synth::write_all(&plan.synth, &out.join("data"))?;
+    let tok_json = synth::tokenizer_json(&plan.synth, synth::DEFAULT_VOCAB_SIZE)?;
+    let tokenizer = Tokenizer::from_json(tok_json, &out.join("data/tokenizer.json"), None, None)?;
+    println!(
+        "{} SFT rows, {} + {} preference pairs, {} prompts; tokenizer of {} tokens",
+        plan.synth.n_sft,
+        plan.synth.n_pairs_train,
+        plan.synth.n_pairs_eval,
+        plan.synth.n_prompts,
+        tokenizer.vocab_size()
+    );
+    let mut cfg = Gpt2Config::new(plan.layers, 4, plan.hidden, 64, tokenizer.vocab_size());
+    (cfg.eos_token_id, cfg.bos_token_id) = (Some(tokenizer.eos_token_id), Some(tokenizer.eos_token_id));
+    let mut base = Model::random(cfg, a.seed, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    base.set_tokenizer(tokenizer);
+    let base_dir = out.join("base");
+    base.save(&base_dir)?;
+    stage("data", &mut lap);
+
+    // 2. SFT: the policy learns the style, good and bad answers alike
+    heading(&format!(
+        "2/5 SFT: a {}-layer GPT-2 ({} hidden) learns to answer",
+        plan.layers, plan.hidden
+    ));
+    let sft_cfg = SftConfig {
+        model_name_or_path: base_dir.display().to_string(),
+        dataset_name: Some(files.sft.display().to_string()),
+        max_length: Some(64),
+        args: args(&out.join("sft"), plan.sft_epochs, plan.sft_lr, a.seed),
+        ..SftConfig::default()
+    };
+    let sft = rlhf_train::sft::train(&sft_cfg)?;
+    stage("sft", &mut lap);
+
+    // 3. reward model: initialised from the SFT model, trained on the pairs
+    heading("3/5 reward model: Bradley–Terry on preference pairs");
+    let mut rm_args = args(&out.join("reward"), plan.rm_epochs, plan.rm_lr, a.seed);
+    rm_args.eval_strategy = "epoch".into();
+    let rm_cfg = RewardConfig {
+        model_name_or_path: sft.final_dir.display().to_string(),
+        dataset_name: Some(files.prefs.display().to_string()),
+        max_length: Some(64),
+        args: rm_args,
+        ..RewardConfig::default()
+    };
+    let rm = rlhf_train::reward::train(&rm_cfg)?;
+    let rm_accuracy = rm.eval.as_ref().map_or(f64::NAN, |m| m["accuracy"]);
+    println!("reward model eval accuracy: {rm_accuracy:.3}");
+    stage("reward", &mut lap);
+
+    // 4. PPO with LoRA; the reference is the policy with adapters disabled
+    heading("4/5 PPO with LoRA (reference = adapters disabled)");
+    let eval_prompts: Vec<String> = synth::prompts(&plan.synth, Split::Eval)
+        .into_iter()
+        .take(plan.eval_prompts)
+        .collect();
+    let sft_model = Model::load(&sft.final_dir, &LoadOptions::default())?;
+    let before = evaluate(&sft_model, &rm.model, &eval_prompts, a.seed + 11)?;
+    let ppo_cfg = PpoRunConfig {
+        model_name_or_path: sft.final_dir.display().to_string(),
+        reward_model_path: rm.final_dir.display().to_string(),
+        train_file: files.prompts.join("train.jsonl").display().to_string(),
+        output_dir: out.join("ppo").display().to_string(),
+        overwrite_output_dir: true,
+        max_new_tokens: 40,
+        save_steps: 0,
+        log_samples: plan.ppo_steps / 2,
+        ppo: PpoConfig {
+            batch_size: plan.ppo_batch,
+            mini_batch_size: plan.ppo_mini_batch,
+            learning_rate: plan.ppo_lr,
+            steps: plan.ppo_steps * plan.ppo_batch as u64,
+            seed: a.seed,
+            ..PpoConfig::default()
+        },
+        peft: PeftArgs {
+            use_peft: true,
+            lora_dropout: 0.0,
+            ..PeftArgs::default()
+        },
+        ..PpoRunConfig::default()
+    };
+    let ppo = rlhf_train::ppo_run::train(&ppo_cfg)?;
+    let after = evaluate(&ppo.model, &rm.model, &eval_prompts, a.seed + 11)?;
+    stage("ppo", &mut lap);
+
+    // 5. report: plots, samples, scores before and after
+    heading("5/5 report");
+    let mut plots = Vec::new();
+    for d in ["sft", "reward", "ppo"] {
+        plots.extend(crate::plot::plot_run(&out.join(d))?);
+    }
+    let samples: Vec<serde_json::Value> = (0..eval_prompts.len().min(6))
+        .map(|i| {
+            json!({"prompt": eval_prompts[i], "before": before.responses[i], "after": after.responses[i],
+                   "reward_before": before.rewards[i], "reward_after": after.rewards[i],
+                   "judge_before": before.style[i], "judge_after": after.style[i]})
+        })
+        .collect();
+    for s in &samples {
+        println!("\n{}", s["prompt"].as_str().unwrap_or_default().replace('\n', " "));
+        println!(
+            "  before ({:+.2}, {}):{}",
+            s["reward_before"].as_f64().unwrap_or(0.0),
+            verdict(&s["judge_before"]),
+            s["before"].as_str().unwrap_or_default()
+        );
+        println!(
+            "  after  ({:+.2}, {}):{}",
+            s["reward_after"].as_f64().unwrap_or(0.0),
+            verdict(&s["judge_after"]),
+            s["after"].as_str().unwrap_or_default()
+        );
+    }
+    stage("report", &mut lap);
+    let threads = candle_core::utils::get_num_threads();
+    let total = started.elapsed().as_secs_f64();
+    seconds.insert("total".into(), json!(total));
+    let summary = json!({
+        "fast": a.fast,
+        "seed": a.seed,
+        "threads": threads,
+        "seconds": seconds,
+        "reward_model_eval_accuracy": rm_accuracy,
+        "eval_prompts": eval_prompts.len(),
+        "before": {"mean_reward": before.mean_reward(), "judge_good_share": before.good_share(),
+                   "judge_style_share": before.style_share()},
+        "after": {"mean_reward": after.mean_reward(), "judge_good_share": after.good_share(),
+                  "judge_style_share": after.style_share()},
+        "ppo_reward_mean_by_step": ppo.reward_means,
+        "samples": samples,
+        "paths": {
+            "sft": sft.final_dir, "reward_model": rm.final_dir, "ppo_adapter": ppo.final_dir,
+            "metrics": [out.join("sft/metrics.jsonl"), out.join("reward/metrics.jsonl"), out.join("ppo/metrics.jsonl")],
+            "plots": plots,
+        },
+    });
+    rlhf_train::checkpoint::write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!("\nreward model eval accuracy      {rm_accuracy:.3}");
+    println!(
+        "mean reward-model score         {:+.3} -> {:+.3}",
+        before.mean_reward(),
+        after.mean_reward()
+    );
+    println!(
+        "judge: polite, civil, on topic  {:.3} -> {:.3}",
+        before.style_share(),
+        after.style_share()
+    );
+    println!(
+        "judge: fully good (+ real tip)  {:.3} -> {:.3}",
+        before.good_share(),
+        after.good_share()
+    );
+    println!(
+        "checkpoints: {} (SFT), {} (reward model), {} (PPO LoRA adapter + value head)",
+        sft.final_dir.display(),
+        rm.final_dir.display(),
+        ppo.final_dir.display()
+    );
+    println!(
+        "metrics: {}/{{sft,reward,ppo}}/metrics.jsonl; plots: {}/{{sft,reward,ppo}}/plots/*.png; summary: {}",
+        out.display(),
+        out.display(),
+        out.join("summary.json").display()
+    );
+    println!("finished in {total:.0} s on {threads} threads");
+    Ok(())
+}
+
+fn verdict(v: &serde_json::Value) -> &'static str {
+    if v.as_bool() == Some(true) {
+        "judge: good"
+    } else {
+        "judge: bad"
+    }
+}
