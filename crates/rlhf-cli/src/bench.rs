@@ -180,11 +180,7 @@ fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::R
             });
         }
     }
-    let params: Vec<_> = model
-        .named_params()
-        .into_iter()
-        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
-        .collect();
+    let params = rlhf_train::trainer::trainable_params(&model);
     let mut opt = AdamW::new(params, AdamConfig::default());
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
     let mut rng = RngStream::new(0);

@@ -94,11 +94,7 @@ impl PpoTrainer {
             v.weight.make_trainable()?;
             v.bias.make_trainable()?;
         }
-        let params: Vec<_> = model
-            .named_params()
-            .into_iter()
-            .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
-            .collect();
+        let params = crate::trainer::trainable_params(&model);
         if params.is_empty() {
             return Err(TrainError::Config("the policy has no trainable parameters".into()));
         }

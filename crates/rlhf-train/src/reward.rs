@@ -11,21 +11,20 @@
 //! small models do not need). Accuracy counts ties as wrong (TRL 1.x; 0.11 counted them right).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Tensor, D};
 use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::bradley_terry_loss;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::RunDir;
 use crate::collate::{pad, PadSide};
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
-use crate::peft_args::{load_trainable, PeftArgs};
+use crate::peft_args::PeftArgs;
 use crate::score::reward_tokens;
-use crate::trainer::{DataPaths, TrainLoop, TrainingArgs};
+use crate::trainer::{open_run, trainable_params, DataPaths, TrainLoop, TrainingArgs};
 
 /// `RewardConfig`: TRL's names; defaults of TRL 1.x (see the module docs for deviations).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -205,42 +204,15 @@ pub struct RewardOutcome {
 pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
     // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
-    args.validate()?;
-    let run = RunDir::prepare(
-        Path::new(&args.output_dir),
-        args.overwrite_output_dir,
-        args.resume_from_checkpoint.is_some(),
-    )?;
-    let resume = args
-        .resume_from_checkpoint
-        .as_deref()
-        .map(|s| run.resolve_checkpoint(s))
-        .transpose()?;
-    if cfg.model_name_or_path.is_empty() && resume.is_none() {
-        return Err(TrainError::Config(
-            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
-        ));
-    }
-    let model_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
-    let base_dir = PathBuf::from(&cfg.model_name_or_path);
-    let load_from = if cfg.peft.use_peft {
-        base_dir.as_path()
-    } else {
-        model_dir.as_path()
-    };
-    let model = load_trainable(load_from, resume.as_deref(), &cfg.peft, "SEQ_CLS", args.seed, |m| {
+    let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "SEQ_CLS", |m| {
         if args.disable_dropout {
             m.gpt2.cfg.disable_dropout();
         }
         if m.ensure_score_head(args.seed)? {
-            tracing::info!(
-                "{}: no score head found; initialised `score` (normal, std 0.02)",
-                model_dir.display()
-            );
+            tracing::info!("no score head found; initialised `score` (normal, std 0.02)");
         }
         Ok(())
     })?;
-    run.write_config(&crate::config::to_toml(cfg)?)?;
 
     // 2. data
     let files = DataPaths::resolve(
@@ -253,11 +225,7 @@ pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
         Some(p) => Some(prepare_pairs(&model, &read_data(p)?, cfg.max_length)?.0),
         None => None,
     };
-    let params: Vec<_> = model
-        .named_params()
-        .into_iter()
-        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
-        .collect();
+    let params = trainable_params(&model);
     let mut lp = TrainLoop::new(args.clone(), run, params, train_pairs.len())?;
     if dropped > 0 {
         lp.println(format!(

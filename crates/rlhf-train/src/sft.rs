@@ -13,20 +13,19 @@
 //! `packing` is not supported; f32 instead of bf16; no gradient checkpointing.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Tensor, D};
 use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::logprobs_from_logits;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::RunDir;
 use crate::collate::{pad, PadSide};
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
-use crate::peft_args::{load_trainable, PeftArgs};
-use crate::trainer::{DataPaths, TrainLoop, TrainingArgs};
+use crate::peft_args::PeftArgs;
+use crate::trainer::{open_run, trainable_params, DataPaths, TrainLoop, TrainingArgs};
 
 /// `SFTConfig`: TRL's names and 1.x defaults (deviations in the module docs).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -188,38 +187,14 @@ pub struct SftOutcome {
 
 /// Fine-tunes a causal LM as `SFTTrainer.train()` does.
 pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
-    // 1. config, run directory and model
+    // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
-    args.validate()?;
-    let run = RunDir::prepare(
-        Path::new(&args.output_dir),
-        args.overwrite_output_dir,
-        args.resume_from_checkpoint.is_some(),
-    )?;
-    let resume = args
-        .resume_from_checkpoint
-        .as_deref()
-        .map(|s| run.resolve_checkpoint(s))
-        .transpose()?;
-    if cfg.model_name_or_path.is_empty() && resume.is_none() {
-        return Err(TrainError::Config(
-            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
-        ));
-    }
-    let model_dir = resume.clone().unwrap_or_else(|| PathBuf::from(&cfg.model_name_or_path));
-    let base_dir = PathBuf::from(&cfg.model_name_or_path);
-    let load_from = if cfg.peft.use_peft {
-        base_dir.as_path()
-    } else {
-        model_dir.as_path()
-    };
-    let model = load_trainable(load_from, resume.as_deref(), &cfg.peft, "CAUSAL_LM", args.seed, |m| {
+    let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "CAUSAL_LM", |m| {
         if args.disable_dropout {
             m.gpt2.cfg.disable_dropout();
         }
         Ok(())
     })?;
-    run.write_config(&crate::config::to_toml(cfg)?)?;
 
     // 2. data
     let files = DataPaths::resolve(
@@ -232,11 +207,7 @@ pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
         Some(p) => Some(prepare_examples(&model, &read_data(p)?, cfg)?.0),
         None => None,
     };
-    let params: Vec<_> = model
-        .named_params()
-        .into_iter()
-        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
-        .collect();
+    let params = trainable_params(&model);
     let mut lp = TrainLoop::new(args.clone(), run, params, train_ex.len())?;
     if dropped > 0 {
         lp.println(format!(

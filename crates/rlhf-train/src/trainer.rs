@@ -508,3 +508,52 @@ impl DataPaths {
         })
     }
 }
+
+/// Stage 1 of the SFT and reward trainers: validates the settings, prepares the run
+/// directory, resolves the checkpoint to resume from, loads the trainable model (see
+/// [`crate::peft_args::load_trainable`]; `prepare` runs on the loaded base) and writes the
+/// resolved config.
+pub fn open_run<C: serde::Serialize>(
+    cfg: &C,
+    args: &TrainingArgs,
+    model_name_or_path: &str,
+    peft: &crate::peft_args::PeftArgs,
+    task_type: &str,
+    prepare: impl FnOnce(&mut Model) -> Result<()>,
+) -> Result<(RunDir, Option<PathBuf>, Model)> {
+    args.validate()?;
+    let run = RunDir::prepare(
+        Path::new(&args.output_dir),
+        args.overwrite_output_dir,
+        args.resume_from_checkpoint.is_some(),
+    )?;
+    let resume = args
+        .resume_from_checkpoint
+        .as_deref()
+        .map(|s| run.resolve_checkpoint(s))
+        .transpose()?;
+    if model_name_or_path.is_empty() && resume.is_none() {
+        return Err(TrainError::Config(
+            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
+        ));
+    }
+    let model = crate::peft_args::load_trainable(
+        Path::new(model_name_or_path),
+        resume.as_deref(),
+        peft,
+        task_type,
+        args.seed,
+        prepare,
+    )?;
+    run.write_config(&crate::config::to_toml(cfg)?)?;
+    Ok((run, resume, model))
+}
+
+/// The trainable weights of a model, named, for the optimizer.
+pub fn trainable_params(model: &Model) -> Vec<(String, Var)> {
+    model
+        .named_params()
+        .into_iter()
+        .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
+        .collect()
+}
