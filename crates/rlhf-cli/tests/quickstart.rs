@@ -101,8 +101,7 @@ fn the_fast_quickstart_learns_and_writes_every_artifact() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(st
         .names()
-        .iter()
-        .any(|n| *n == "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"));
+        .contains(&"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"));
     let (ok, _, err) = rlhf(&[
         "generate",
         "--model",
