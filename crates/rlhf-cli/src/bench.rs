@@ -22,6 +22,11 @@ pub enum Workload {
     PpoTiny,
     /// One PPO step on the GPT-2-small shape, tiny reward model.
     PpoSmall,
+    /// As `ppo-tiny` with LoRA (r 32, alpha 32, dropout 0.1, bias lora_only, c_attn);
+    /// reference = adapters disabled.
+    PpoTinyLora,
+    /// As `ppo-tiny-lora` on the GPT-2-small shape with the frozen base in int8.
+    PpoSmallLoraInt8,
     /// 16 prompts × 64 sampled tokens with the KV cache, GPT-2-small shape.
     GenerateSmall,
 }
@@ -40,8 +45,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.workload {
         Workload::Gemm => gemm(a.steps.unwrap_or(10)),
         Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
-        Workload::PpoTiny => ppo("ppo-tiny", Gpt2Config::tiny(), a.steps.unwrap_or(5)),
-        Workload::PpoSmall => ppo("ppo-small", Gpt2Config::small(), a.steps.unwrap_or(3)),
+        Workload::PpoTiny => ppo("ppo-tiny", Gpt2Config::tiny(), Adapt::Full, a.steps.unwrap_or(5)),
+        Workload::PpoSmall => ppo("ppo-small", Gpt2Config::small(), Adapt::Full, a.steps.unwrap_or(3)),
+        Workload::PpoTinyLora => ppo("ppo-tiny-lora", Gpt2Config::tiny(), Adapt::Lora, a.steps.unwrap_or(5)),
+        Workload::PpoSmallLoraInt8 => ppo("ppo-small-lora-int8", Gpt2Config::small(), Adapt::LoraInt8, a.steps.unwrap_or(3)),
         Workload::RewardTiny => reward("reward-tiny", Gpt2Config::tiny(), 3, a.steps.unwrap_or(20)),
         Workload::RewardSmall => reward("reward-small", Gpt2Config::small(), 2, a.steps.unwrap_or(5)),
     }
@@ -210,14 +217,43 @@ fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::R
 /// A PPO step as `WORKLOADS.md` defines it: 16 queries, exactly 32 sampled tokens each
 /// (top_k 0, top_p 1, no EOS stop), scored by a tiny reward model, then `step()` with 4
 /// epochs × 4 minibatches of 4, Adam lr 1.41e-5, a frozen copy as reference.
-fn ppo(name: &str, cfg: Gpt2Config, steps: usize) -> anyhow::Result<()> {
+/// How the PPO policy is trained.
+#[derive(Clone, Copy, PartialEq)]
+enum Adapt {
+    /// Every weight, and a frozen copy as reference.
+    Full,
+    /// LoRA adapters; reference = adapters disabled.
+    Lora,
+    /// LoRA adapters over an int8 base.
+    LoraInt8,
+}
+
+fn ppo(name: &str, cfg: Gpt2Config, adapt: Adapt, steps: usize) -> anyhow::Result<()> {
+    use rlhf_train::peft_args::PeftArgs;
     use rlhf_train::ppo::PpoTrainer;
     use rlhf_train::ppo_config::PpoConfig;
     let tok = rlhf_train::assets::gpt2_tokenizer()?;
     let mut policy = Model::random(cfg, 0, DType::F32, &Device::Cpu)?;
     policy.set_tokenizer(tok.clone());
-    let reference = policy.clone();
-    policy.set_trainable(true)?;
+    let reference = if adapt == Adapt::Full {
+        let r = policy.clone();
+        policy.set_trainable(true)?;
+        Some(r)
+    } else {
+        let mut peft = PeftArgs {
+            use_peft: true,
+            lora_r: 32,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            lora_bias: "lora_only".into(),
+            ..PeftArgs::default()
+        };
+        peft.quant.load_in_8bit = adapt == Adapt::LoraInt8;
+        if let Some(counts) = peft.apply(&mut policy, "CAUSAL_LM", 0)? {
+            eprintln!("{counts}");
+        }
+        None
+    };
     let mut rm = Model::random(Gpt2Config::tiny(), 1, DType::F32, &Device::Cpu)?;
     rm.set_tokenizer(tok.clone());
     rm.ensure_score_head(1)?;
@@ -227,7 +263,7 @@ fn ppo(name: &str, cfg: Gpt2Config, steps: usize) -> anyhow::Result<()> {
         ppo_epochs: 4,
         ..Default::default()
     };
-    let (mut trainer, _) = PpoTrainer::new(ppo_cfg, policy, Some(reference))?;
+    let (mut trainer, _) = PpoTrainer::new(ppo_cfg, policy, reference)?;
     let prompts: Vec<(String, Vec<u32>)> = rlhf_train::assets::ppo_prompts()
         .into_iter()
         .map(|p| tok.encode(&p).map(|ids| (p, ids)))
