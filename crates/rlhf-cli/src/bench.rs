@@ -48,7 +48,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Workload::PpoTiny => ppo("ppo-tiny", Gpt2Config::tiny(), Adapt::Full, a.steps.unwrap_or(5)),
         Workload::PpoSmall => ppo("ppo-small", Gpt2Config::small(), Adapt::Full, a.steps.unwrap_or(3)),
         Workload::PpoTinyLora => ppo("ppo-tiny-lora", Gpt2Config::tiny(), Adapt::Lora, a.steps.unwrap_or(5)),
-        Workload::PpoSmallLoraInt8 => ppo("ppo-small-lora-int8", Gpt2Config::small(), Adapt::LoraInt8, a.steps.unwrap_or(3)),
+        Workload::PpoSmallLoraInt8 => ppo(
+            "ppo-small-lora-int8",
+            Gpt2Config::small(),
+            Adapt::LoraInt8,
+            a.steps.unwrap_or(3),
+        ),
         Workload::RewardTiny => reward("reward-tiny", Gpt2Config::tiny(), 3, a.steps.unwrap_or(20)),
         Workload::RewardSmall => reward("reward-small", Gpt2Config::small(), 2, a.steps.unwrap_or(5)),
     }

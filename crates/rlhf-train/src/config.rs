@@ -14,7 +14,7 @@ use crate::error::{Result, TrainError};
 
 /// Parses `--kebab-key value` pairs (a key with no value, or followed by another flag, is
 /// `true`) into a flat table with snake_case keys. Values are read as TOML literals
-/// (numbers, booleans, arrays), else taken as strings.
+/// by [`resolve`] for the keys that are not text.
 pub fn parse_flags(args: &[String]) -> Result<Map<String, Value>> {
     let mut out = Map::new();
     let mut i = 0;
@@ -38,7 +38,9 @@ pub fn parse_flags(args: &[String]) -> Result<Map<String, Value>> {
             }
             None => None,
         };
-        out.insert(key, value.map_or(Value::Bool(true), |v| literal(&v)));
+        // Kept as text: `resolve` types it by the key it lands on (`--output-dir 2024` stays
+        // a path, `--max-steps 10` becomes a number).
+        out.insert(key, value.map_or(Value::Bool(true), Value::String));
         i += 1;
     }
     Ok(out)
@@ -87,6 +89,21 @@ pub fn resolve<T: Serialize + DeserializeOwned + Default>(values: &Map<String, V
             )));
         }
     }
+    // Flag values arrive as text: read them as TOML literals unless their key is text.
+    let mut values = values.clone();
+    for (k, v) in values.iter_mut() {
+        let Value::String(text) = v else { continue };
+        if matches!(defaults.get(k), Some(Value::String(_))) {
+            continue;
+        }
+        let lit = literal(text);
+        let mut one = defaults.clone();
+        one.insert(k.clone(), lit.clone());
+        if lit.is_string() || serde_json::from_value::<T>(Value::Object(one)).is_ok() {
+            *v = lit;
+        }
+    }
+    let values = &values;
     let mut merged = defaults.clone();
     merged.extend(values.clone());
     serde_json::from_value(Value::Object(merged)).map_err(|e| {

@@ -95,7 +95,7 @@ impl Default for PpoConfig {
 impl PpoConfig {
     /// Samples per optimizer step (`mini_batch_size * gradient_accumulation_steps`).
     pub fn backward_batch_size(&self) -> usize {
-        self.mini_batch_size * self.gradient_accumulation_steps
+        self.mini_batch_size.saturating_mul(self.gradient_accumulation_steps)
     }
 
     /// PPO steps of a run (`ceil(steps / batch_size)`, TRL's `total_ppo_epochs`).
@@ -129,6 +129,16 @@ impl PpoConfig {
                     "({}) is larger than batch_size ({}); lower it or raise batch_size",
                     self.mini_batch_size, self.batch_size
                 ),
+            );
+        }
+        if self
+            .mini_batch_size
+            .checked_mul(self.gradient_accumulation_steps)
+            .is_none()
+        {
+            return bad(
+                "gradient_accumulation_steps",
+                "mini_batch_size × gradient_accumulation_steps overflows; use realistic sizes".into(),
             );
         }
         if !self.batch_size.is_multiple_of(self.backward_batch_size()) {

@@ -92,6 +92,13 @@ pub fn prepare_pairs(model: &Model, rows: &Rows, max_length: Option<usize>) -> R
         let chosen = reward_tokens(model, prompt, rows.text(i, "chosen")?)?;
         let rejected = reward_tokens(model, prompt, rows.text(i, "rejected")?)?;
         let margin = rows.opt_number(i, "margin")?.map(|m| m as f32);
+        if let Some(m) = margin.filter(|m| !m.is_finite()) {
+            return Err(TrainError::Row {
+                path: rows.path.clone(),
+                row: i + 1,
+                msg: format!("margin {m} is out of range; hint: margins are reward differences, small finite numbers"),
+            });
+        }
         if chosen.len() > limit || rejected.len() > limit {
             dropped += 1;
             continue;

@@ -760,12 +760,11 @@ proptest! {
 // Bugs found by the properties above, pinned as inputs (ignored until fixed; see the report
 // in docs/reliability.md).
 
-/// BUG (crates/rlhf-train/src/config.rs, `parse_flags` → `literal`): a flag value is read as
+/// Fixed bug (crates/rlhf-train/src/config.rs, `parse_flags` → `literal`): a flag value was read as
 /// a TOML literal whatever the key's type, so a text key given text that looks like a number
 /// or `nan`/`inf`/`true` is refused (`--output-dir 2024`: "invalid type: integer `2024`,
 /// expected a string"; `--output-dir nan`: "= null: invalid type: null").
 #[test]
-#[ignore = "bug: parse_flags types values before knowing the key (config.rs, literal)"]
 fn a_text_flag_keeps_values_that_look_like_numbers() {
     for v in ["2024", "nan", "true", "1e-3"] {
         let values = parse_flags(&[
@@ -783,12 +782,11 @@ fn a_text_flag_keeps_values_that_look_like_numbers() {
     }
 }
 
-/// BUG (crates/rlhf-train/src/ppo_config.rs, `backward_batch_size`):
+/// Fixed bug (crates/rlhf-train/src/ppo_config.rs, `backward_batch_size`):
 /// `mini_batch_size * gradient_accumulation_steps` overflows: a debug build panics
 /// ("attempt to multiply with overflow"), a release build reports the wrapped product
 /// (`4294967296 × 4294967296 = 0`).
 #[test]
-#[ignore = "bug: mini_batch_size * gradient_accumulation_steps overflows (ppo_config.rs, backward_batch_size)"]
 fn huge_mini_batch_times_accumulation_is_a_clear_error() {
     let cfg = PpoConfig {
         batch_size: 1 << 33,
@@ -804,12 +802,11 @@ fn huge_mini_batch_times_accumulation_is_a_clear_error() {
     );
 }
 
-/// BUG (crates/rlhf-train/src/reward.rs, `prepare_pairs`): a finite f64 margin beyond f32's
+/// Fixed bug (crates/rlhf-train/src/reward.rs, `prepare_pairs`): a finite f64 margin beyond f32's
 /// range (`"margin": 1e39`) passes `opt_number` and becomes `inf` by `as f32`; training then
 /// stops with "non-finite loss" at the step that meets the row, instead of an error naming
 /// the row before any work.
 #[test]
-#[ignore = "bug: margin 1e39 becomes inf (reward.rs, prepare_pairs: `m as f32`)"]
 fn a_margin_beyond_f32_is_an_error_naming_the_row() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.jsonl");
