@@ -388,13 +388,12 @@ fn a_diverging_run_names_the_step_and_the_last_good_checkpoint_and_keeps_it() {
     assert_eq!(metrics(&run).len(), 2, "no metrics line for the diverged step");
 }
 
-/// BUG (crates/rlhf-cli/src/main.rs prints `{e:#}`, which appends the error's source chain;
+/// Fixed bug (crates/rlhf-cli/src/main.rs printed `{e:#}`, which appends the error's source chain;
 /// `TrainError::Io` / `ModelError::Io` / `ModelError::Json` in crates/rlhf-train/src/error.rs
 /// and crates/rlhf-models/src/error.rs already print their `source` field, which thiserror
 /// also exposes as the source): the cause is printed twice, e.g. `error: /nonexistent.toml:
 /// No such file or directory (os error 2): No such file or directory (os error 2)`.
 #[test]
-#[ignore = "bug: IO/JSON causes are printed twice ({e:#} in main.rs + `source` fields in error.rs)"]
 fn an_io_error_names_its_cause_once() {
     let tmp = tempfile::tempdir().unwrap();
     let model = path(&fixtures().join("tiny-gpt2"));
