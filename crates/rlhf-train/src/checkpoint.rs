@@ -140,19 +140,7 @@ impl RunDir {
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let dst = self.root.join(format!("checkpoint-{step}"));
-        let tmp = self.root.join(format!(".checkpoint-{step}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        if let Err(e) = write(&tmp) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if dst.exists() {
-            std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
-        }
-        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+        write_dir_atomic(&self.root.join(format!(".checkpoint-{step}.tmp")), &dst, write)?;
         if let Some(limit) = limit.filter(|&l| l > 0) {
             let all = self.checkpoints();
             for (_, p) in all.iter().take(all.len().saturating_sub(limit)) {
@@ -161,35 +149,35 @@ impl RunDir {
         }
         Ok(dst)
     }
-}
 
-impl RunDir {
     /// Writes `final/` atomically (a temporary directory renamed into place).
     pub fn save_final(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let dir = self.root.join("final");
-        let tmp = self.root.join(".final.tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        write(&tmp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        write_dir_atomic(&self.root.join(".final.tmp"), &dir, write)?;
         Ok(dir)
     }
 }
 
-/// Writes a file via a temporary name and a rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(data).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+/// Fills `tmp` with `write`, then renames it to `dst` (replacing an older `dst`); on failure
+/// `tmp` is removed and `dst` is untouched.
+fn write_dir_atomic(tmp: &Path, dst: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(io(tmp))?;
     }
-    std::fs::rename(&tmp, path).map_err(io(path))
+    std::fs::create_dir_all(tmp).map_err(io(tmp))?;
+    if let Err(e) = write(tmp) {
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    if dst.exists() {
+        std::fs::remove_dir_all(dst).map_err(io(dst))?;
+    }
+    std::fs::rename(tmp, dst).map_err(io(dst))
+}
+
+/// Writes a file via a temporary name and a rename (the model crate's writer).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    Ok(rlhf_models::weights::write_atomic(path, data)?)
 }
 
 /// Saves named tensors to a safetensors file.
