@@ -202,9 +202,12 @@ fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::R
         let batch: Vec<&Pair> = (0..8).map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
         step += 1;
         tokens = batch.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
-        let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut rng))?;
+        let sink = rlhf_ops::sink::GradSink::new();
+        let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut rng).with_sink(&sink))?;
         let mut grads = Grads::new(vars.len());
-        grads.add(&vars.iter().collect::<Vec<_>>(), &out.loss.backward()?)?;
+        let var_refs: Vec<_> = vars.iter().collect();
+        grads.add(&var_refs, &out.loss.backward()?)?;
+        grads.add_sink(&var_refs, sink.take())?;
         grads.clip(1.0);
         opt.step(&grads, 5e-4)?;
         Ok(())

@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use rlhf_ops::nn::{causal_padding_bias, compute_dtype, dropout, layer_norm, softmax_last_dim};
 use rlhf_ops::rng::RngStream;
+use rlhf_ops::sink::{embedding, GradSink};
 use rlhf_peft::{Param, Proj, ProjCtx};
 
 use crate::cache::KvCache;
@@ -24,15 +25,19 @@ pub struct Fwd<'a> {
     /// PPO without a second copy (trained biases and saved modules then read their kept
     /// originals; see `rlhf_models::lora`). Models without adapters ignore it.
     pub adapters: bool,
+    /// Where the embedding lookups put their tables' gradients (touched rows only) instead
+    /// of the graph; see [`rlhf_ops::sink`]. `None`: dense gradients through the graph.
+    pub sink: Option<&'a GradSink>,
 }
 
-impl Fwd<'_> {
+impl<'a> Fwd<'a> {
     /// Eval mode without gradients (generation, scoring, reference log-probs).
     pub fn eval() -> Fwd<'static> {
         Fwd {
             grad: false,
             dropout: None,
             adapters: true,
+            sink: None,
         }
     }
 
@@ -42,6 +47,7 @@ impl Fwd<'_> {
             grad: true,
             dropout: None,
             adapters: true,
+            sink: None,
         }
     }
 
@@ -51,6 +57,7 @@ impl Fwd<'_> {
             grad: true,
             dropout: Some(rng),
             adapters: true,
+            sink: None,
         }
     }
 
@@ -59,6 +66,17 @@ impl Fwd<'_> {
     pub fn without_adapters(self) -> Self {
         Fwd {
             adapters: false,
+            ..self
+        }
+    }
+
+    /// The same pass with embedding gradients delivered to `sink`.
+    pub fn with_sink<'b>(self, sink: &'b GradSink) -> Fwd<'b>
+    where
+        'a: 'b,
+    {
+        Fwd {
+            sink: Some(sink),
             ..self
         }
     }
@@ -375,8 +393,8 @@ impl Gpt2 {
         let pos = Tensor::from_vec(positions, b * t, device)?;
         let grad = fwd.grad;
         let h = self.cfg.n_embd;
-        let tok = self.wte.get(grad).index_select(&ids.flatten_all()?, 0)?;
-        let pe = self.wpe.get(grad).index_select(&pos, 0)?;
+        let tok = embedding(self.wte.get(grad), &ids.flatten_all()?, fwd.sink)?;
+        let pe = embedding(self.wpe.get(grad), &pos, fwd.sink)?;
         let mut x = fwd.dropout(&(tok + pe)?.reshape((b, t, h))?, self.cfg.embd_pdrop)?;
         let bias = causal_padding_bias(&mask_rows, t, device)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -454,6 +472,12 @@ impl Gpt2 {
         let probs = fwd.dropout(&probs, self.cfg.attn_pdrop)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         Ok(blk.attn_c_proj.forward(&out, &mut fwd.proj())?)
+    }
+
+    /// The LM head's weight `(V, H)`: `lm_head.weight`, or `wte` when tied; tracked for
+    /// gradients when `grad`.
+    pub fn lm_head_weight(&self, grad: bool) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte).get(grad)
     }
 
     /// LM-head logits, in f32 (f64 for an f64 model).

@@ -13,6 +13,7 @@ fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor
         grad,
         dropout: None,
         adapters: true,
+        sink: None,
     };
     let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
     let logits = model

@@ -128,6 +128,7 @@ fn train_mode_dropout_is_seeded() {
             grad: false,
             dropout: Some(&mut rng),
             adapters: true,
+            sink: None,
         };
         model
             .logits(&ids, &mask, &mut fwd)

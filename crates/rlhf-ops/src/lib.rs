@@ -8,5 +8,7 @@
 pub mod nn;
 pub mod ppo;
 pub mod rng;
+pub mod simd;
+pub mod sink;
 
 pub use candle_core::{Error as CandleError, Result as CandleResult};

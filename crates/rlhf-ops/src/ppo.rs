@@ -21,6 +21,7 @@
 
 mod advantages;
 mod bradley_terry;
+mod fused;
 mod logits;
 mod loss;
 mod masked;
@@ -28,6 +29,7 @@ mod rewards;
 
 pub use advantages::{compute_advantages, Advantages};
 pub use bradley_terry::{bradley_terry_loss, logsigmoid};
+pub use fused::{lm_head_logprobs_and_entropy, logprobs_and_entropy};
 pub use logits::{entropy_from_logits, log_softmax, logprobs_from_logits};
 pub use loss::{ppo_loss, PpoLoss, PpoLossConfig, PpoLossInputs, PpoStats};
 pub use masked::{masked_mean, masked_var, masked_whiten};

@@ -134,7 +134,7 @@ fn ppo_loss_matches_trl_including_every_stat() {
     let inputs = PpoLossInputs {
         old_logprobs: &old_logprobs,
         values: &values,
-        logits: &logits,
+        entropy: &rlhf_ops::ppo::entropy_from_logits(&logits).unwrap(),
         vpreds: &vpreds,
         logprobs: &logprobs,
         mask: &mask,

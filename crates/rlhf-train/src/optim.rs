@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Mutex;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
+use rlhf_ops::sink::SinkEntry;
 
 use crate::error::{Result, TrainError};
 
@@ -100,41 +103,56 @@ impl AdamW {
 
     /// One update with learning rate `lr` from accumulated gradients (aligned with the
     /// parameters; `None` = no gradient, the parameter is left alone as torch does).
+    /// f32 parameters on the CPU are updated in place in one pass over `p, g, m, v`; others
+    /// go through [`AdamW::step_copying`]'s copy in and out.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.step += 1;
+        let k = self.coefficients(lr);
+        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
+            let Some(g) = g else { continue };
+            let decay = k.decay(slot.decay);
+            let t = slot.var.as_tensor();
+            if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+                let op = InPlaceAdam {
+                    k: &k,
+                    decay,
+                    g,
+                    mv: Mutex::new((&mut slot.m, &mut slot.v)),
+                };
+                t.inplace_op1(&op)?;
+            } else {
+                adam_update_copying(&slot.var, &mut slot.m, &mut slot.v, g, &k, decay)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The same update as [`AdamW::step`], copying each parameter out to a `Vec` and back
+    /// (any dtype); the test oracle of the in-place path.
+    pub fn step_copying(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step += 1;
+        let k = self.coefficients(lr);
+        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
+            let Some(g) = g else { continue };
+            let decay = k.decay(slot.decay);
+            adam_update_copying(&slot.var, &mut slot.m, &mut slot.v, g, &k, decay)?;
+        }
+        Ok(())
+    }
+
+    fn coefficients(&self, lr: f64) -> AdamCoefficients {
         let t = self.step as i32;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let step_size = (lr / bc1) as f32;
-        let inv_bc2 = (1.0 / bc2_sqrt) as f32;
-        for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
-            let Some(g) = g else { continue };
-            let decay = if slot.decay {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let t = slot.var.as_tensor();
-            let mut p = t.flatten_all()?.to_vec1::<f32>()?;
-            p.par_chunks_mut(4096)
-                .zip(slot.m.par_chunks_mut(4096))
-                .zip(slot.v.par_chunks_mut(4096))
-                .zip(g.par_chunks(4096))
-                .for_each(|(((p, m), v), g)| {
-                    for i in 0..p.len() {
-                        let gi = g[i];
-                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        let denom = v[i].sqrt() * inv_bc2 + eps;
-                        p[i] = p[i] * decay - step_size * m[i] / denom;
-                    }
-                });
-            let new = Tensor::from_vec(p, t.shape(), t.device())?.to_dtype(t.dtype())?;
-            slot.var.set(&new)?;
+        AdamCoefficients {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            eps: c.eps as f32,
+            step_size: (lr / bc1) as f32,
+            inv_bc2: (1.0 / bc2_sqrt) as f32,
+            weight_decay: (1.0 - lr * c.weight_decay) as f32,
         }
-        Ok(())
     }
 
     /// The moment buffers and step count, for a checkpoint.
@@ -179,6 +197,120 @@ impl AdamW {
     }
 }
 
+/// The per-step constants of the Adam update.
+struct AdamCoefficients {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    inv_bc2: f32,
+    /// `1 - lr·wd`, the decoupled decay factor of decaying parameters.
+    weight_decay: f32,
+}
+
+impl AdamCoefficients {
+    fn decay(&self, decays: bool) -> f32 {
+        if decays {
+            self.weight_decay
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Elements per parallel task of the element-wise optimizer loops.
+const CHUNK: usize = 1 << 14;
+
+/// torch's AdamW element update over aligned chunks.
+#[inline(always)]
+fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamCoefficients, decay: f32) {
+    let (b1, b2, eps, step_size, inv_bc2) = (k.b1, k.b2, k.eps, k.step_size, k.inv_bc2);
+    for i in 0..p.len().min(m.len()).min(v.len()).min(g.len()) {
+        let gi = g[i];
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        let denom = v[i].sqrt() * inv_bc2 + eps;
+        p[i] = p[i] * decay - step_size * m[i] / denom;
+    }
+}
+
+fn adam_par(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamCoefficients, decay: f32) {
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k, decay));
+}
+
+fn adam_update_copying(
+    var: &Var,
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    k: &AdamCoefficients,
+    decay: f32,
+) -> Result<()> {
+    let t = var.as_tensor();
+    let mut p = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    adam_par(&mut p, m, v, g, k, decay);
+    let new = Tensor::from_vec(p, t.shape(), t.device())?.to_dtype(t.dtype())?;
+    var.set(&new)?;
+    Ok(())
+}
+
+/// The Adam update applied to a parameter's own storage.
+struct InPlaceAdam<'a> {
+    k: &'a AdamCoefficients,
+    decay: f32,
+    g: &'a [f32],
+    mv: Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+}
+
+impl InplaceOp1 for InPlaceAdam<'_> {
+    fn name(&self) -> &'static str {
+        "adam-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("adam-in-place: expected a contiguous f32 parameter")
+        };
+        let mut guard = self.mv.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *guard;
+        let p = &mut p[a..b];
+        if p.len() != m.len() || p.len() != self.g.len() {
+            candle_core::bail!(
+                "adam-in-place: parameter has {} values, moments {}, gradient {}",
+                p.len(),
+                m.len(),
+                self.g.len()
+            )
+        }
+        adam_par(p, m, v, self.g, self.k, self.decay);
+        Ok(())
+    }
+}
+
+/// Runs `f` on the f32 values of `t` in row-major order, without a copy for a contiguous
+/// f32 CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (st, l) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// `acc += x`, in parallel chunks.
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, b)| *a += b));
+}
+
 /// Gradients summed over micro-batches, aligned with an optimizer's parameters.
 pub struct Grads {
     /// One buffer per parameter (`None` until a gradient arrives).
@@ -195,10 +327,50 @@ impl Grads {
     pub fn add(&mut self, vars: &[&Var], store: &GradStore) -> Result<()> {
         for (sum, var) in self.sums.iter_mut().zip(vars) {
             let Some(g) = store.get(var.as_tensor()) else { continue };
-            let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
             match sum {
-                Some(s) => s.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                None => *sum = Some(g),
+                Some(s) => with_f32(g, |g| add_into(s, g))?,
+                None => *sum = Some(with_f32(g, <[f32]>::to_vec)?),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds gradients that ops delivered to a [`rlhf_ops::sink::GradSink`] (dense ones and
+    /// embedding rows), matched to `vars` by tensor id. Entries of other tensors are
+    /// ignored (frozen weights).
+    pub fn add_sink(&mut self, vars: &[&Var], entries: Vec<SinkEntry>) -> Result<()> {
+        for entry in entries {
+            let id = match &entry {
+                SinkEntry::Dense { id, .. } | SinkEntry::Rows { id, .. } => *id,
+            };
+            let Some(i) = vars.iter().position(|v| v.as_tensor().id() == id) else {
+                continue;
+            };
+            let n = vars[i].elem_count();
+            let sum = self.sums[i].get_or_insert_with(|| vec![0.0; n]);
+            match entry {
+                SinkEntry::Dense { grad, .. } => {
+                    if grad.elem_count() != n {
+                        return Err(TrainError::Config(format!(
+                            "gradient of {n} values expected, the sink holds {}",
+                            grad.elem_count()
+                        )));
+                    }
+                    with_f32(&grad, |g| add_into(sum, g))?
+                }
+                SinkEntry::Rows { rows, grad, .. } => {
+                    let h = grad.dims().last().copied().unwrap_or(1);
+                    with_f32(&grad, |g| -> Result<()> {
+                        for (r, row) in rows.iter().zip(g.chunks_exact(h)) {
+                            let start = *r as usize * h;
+                            let dst = sum.get_mut(start..start + h).ok_or_else(|| {
+                                TrainError::Config(format!("embedding row {r} is outside a table of {n} values"))
+                            })?;
+                            dst.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                        }
+                        Ok(())
+                    })??
+                }
             }
         }
         Ok(())
@@ -206,12 +378,19 @@ impl Grads {
 
     /// The global L2 norm of all gradients.
     pub fn norm(&self) -> f64 {
-        self.sums
+        let sq: f64 = self
+            .sums
             .iter()
             .flatten()
-            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .sum::<f64>()
-            .sqrt()
+            .map(|g| {
+                g.par_chunks(CHUNK)
+                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .collect::<Vec<f64>>()
+                    .iter()
+                    .sum::<f64>()
+            })
+            .sum();
+        sq.sqrt()
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (torch's
@@ -226,7 +405,7 @@ impl Grads {
                 self.sums
                     .iter_mut()
                     .flatten()
-                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+                    .for_each(|g| g.par_chunks_mut(CHUNK).for_each(|g| g.iter_mut().for_each(|x| *x *= c)));
             }
         }
         norm
@@ -319,6 +498,34 @@ mod tests {
         for i in 0..2 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
         }
+    }
+
+    #[test]
+    fn in_place_adam_equals_the_copying_oracle_bit_for_bit() {
+        let n = 3 * CHUNK + 17;
+        let init: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let cfg = AdamConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let (a, b) = (
+            Var::new(init.as_slice(), &Device::Cpu).unwrap(),
+            Var::new(init.as_slice(), &Device::Cpu).unwrap(),
+        );
+        let mut fast = AdamW::new(vec![("w".into(), a.clone())], cfg.clone());
+        let mut slow = AdamW::new(vec![("w".into(), b.clone())], cfg);
+        for t in 0..4 {
+            let g: Vec<f32> = (0..n).map(|i| (((i + t) * 53 % 97) as f32 - 48.0) / 10.0).collect();
+            let grads = Grads { sums: vec![Some(g)] };
+            fast.step(&grads, 1e-2).unwrap();
+            slow.step_copying(&grads, 1e-2).unwrap();
+        }
+        assert_eq!(
+            a.as_tensor().to_vec1::<f32>().unwrap(),
+            b.as_tensor().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(fast.slots[0].m, slow.slots[0].m);
+        assert_eq!(fast.slots[0].v, slow.slots[0].v);
     }
 
     #[test]

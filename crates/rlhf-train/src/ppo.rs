@@ -13,10 +13,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use rlhf_models::{generate, Fwd, GenerationConfig, Model};
 use rlhf_ops::ppo::{
-    compute_advantages, compute_rewards, log_softmax, logprobs_from_logits, masked_mean, ppo_loss, KlController,
-    KlPenalty, PpoLossConfig, PpoLossInputs,
+    compute_advantages, compute_rewards, lm_head_logprobs_and_entropy, log_softmax, logprobs_and_entropy, masked_mean,
+    ppo_loss, KlController, KlPenalty, PpoLossConfig, PpoLossInputs,
 };
 use rlhf_ops::rng::RngStream;
+use rlhf_ops::sink::GradSink;
 use serde::{Deserialize, Serialize};
 
 use crate::collate::{pad, PadSide};
@@ -236,10 +237,10 @@ impl PpoTrainer {
                     let sel = |x: &Tensor| x.index_select(&idx, 0);
                     let (ids, mask) = (sel(&roll.ids)?, sel(&roll.mask)?);
                     let mut rng = self.dropout.clone();
-                    let mut fwd = Fwd::train(&mut rng);
+                    let sink = GradSink::new();
+                    let mut fwd = Fwd::train(&mut rng).with_sink(&sink);
                     let hidden = self.model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
                     let tt = hidden.dim(1)?;
-                    let logits = self.model.gpt2.lm_logits(&hidden.narrow(1, 0, tt - 1)?, true)?;
                     let vhead = self
                         .model
                         .value_head
@@ -247,18 +248,13 @@ impl PpoTrainer {
                         .ok_or_else(|| TrainError::Config("policy lost its value head".into()))?;
                     let vpreds = vhead.forward(&hidden, &mut fwd)?.narrow(1, 0, tt - 1)?;
                     self.dropout = rng;
-                    let new_lp = logprobs_from_logits(&logits, &ids.narrow(1, 1, tt - 1)?)?;
-                    let (old_lp, old_v, m, a, r) = (
-                        sel(&logprobs)?,
-                        sel(&adv.values)?,
-                        sel(&roll.masks)?,
-                        sel(&adv.advantages)?,
-                        sel(&adv.returns)?,
-                    );
+                    let (old_lp, m) = (sel(&logprobs)?, sel(&roll.masks)?);
+                    let (new_lp, entropy) = response_logprobs(&self.model, &hidden, &ids, &m, &old_lp, &sink)?;
+                    let (old_v, a, r) = (sel(&adv.values)?, sel(&adv.advantages)?, sel(&adv.returns)?);
                     let inputs = PpoLossInputs {
                         old_logprobs: &old_lp,
                         values: &old_v,
-                        logits: &logits,
+                        entropy: &entropy,
                         vpreds: &vpreds,
                         logprobs: &new_lp,
                         mask: &m,
@@ -274,6 +270,7 @@ impl PpoTrainer {
                     }
                     let loss = ((out.pg_loss + out.vf_loss)? / ga as f64)?;
                     grads.add(&var_refs, &loss.backward()?)?;
+                    grads.add_sink(&var_refs, sink.take())?;
                     mb_stats.push(out.stats);
                 }
                 grads.clip(max_norm);
@@ -399,10 +396,13 @@ impl PpoTrainer {
                 Fwd::eval().without_adapters()
             };
             let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
-            let logits = model.gpt2.lm_logits(&hidden.narrow(1, 0, t - 1)?, false)?;
-            lps.push(logprobs_from_logits(&logits, &ids.narrow(1, 1, t - 1)?)?);
+            let h = hidden.narrow(1, 0, t - 1)?;
             if full {
+                let logits = model.gpt2.lm_logits(&h, false)?;
+                lps.push(logprobs_and_entropy(&logits, &ids.narrow(1, 1, t - 1)?)?.0);
                 fulls.push(log_softmax(&logits)?);
+            } else {
+                lps.push(head_logprobs(model, &h, &ids.narrow(1, 1, t - 1)?, false, None)?.0);
             }
             if with_values {
                 if let Some(v) = &model.value_head {
@@ -456,6 +456,67 @@ impl PpoTrainer {
     pub fn optimizer_state(&self) -> Result<BTreeMap<String, Tensor>> {
         self.opt.state()
     }
+}
+
+/// Log-probs and entropies of `labels` at hidden states `(.., H)`: the fused LM-head kernel
+/// for f32/f64 models (no `(.., V)` tensor kept), otherwise logits and the fused softmax.
+fn head_logprobs(
+    model: &Model,
+    h: &Tensor,
+    labels: &Tensor,
+    grad: bool,
+    sink: Option<&GradSink>,
+) -> Result<(Tensor, Tensor)> {
+    let w = model.gpt2.lm_head_weight(grad);
+    if matches!(h.dtype(), DType::F32 | DType::F64) && w.dtype() == h.dtype() {
+        Ok(lm_head_logprobs_and_entropy(h, w, labels, sink)?)
+    } else {
+        let logits = model.gpt2.lm_logits(h, grad)?;
+        Ok(logprobs_and_entropy(&logits, labels)?)
+    }
+}
+
+/// The minibatch's differentiable log-probs and entropies `(B, T-1)`, computed through the
+/// LM head only at response positions (`mask` 1), where the loss reads them. Elsewhere the
+/// log-prob is `old_lp`'s (ratio exactly 1) and the entropy 0: no loss term sees those
+/// positions, only the `ppo/policy/ratio` histogram does (TRL computes the query and
+/// padding tokens' log-probs there too).
+fn response_logprobs(
+    model: &Model,
+    hidden: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    old_lp: &Tensor,
+    sink: &GradSink,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, h) = hidden.dims3()?;
+    let m: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let ids_host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let (mut rows, mut labels, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    for bi in 0..b {
+        for p in 0..t - 1 {
+            if m[bi * (t - 1) + p] != 0.0 {
+                rows.push((bi * t + p) as u32);
+                labels.push(ids_host[bi * t + p + 1]);
+                slots.push((bi * (t - 1) + p) as u32);
+            }
+        }
+    }
+    let dev = hidden.device();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, dev)?;
+    let labels = Tensor::from_vec(labels, n, dev)?;
+    let slots = Tensor::from_vec(slots, n, dev)?;
+    let hs = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+    let (lp, ent) = head_logprobs(model, &hs, &labels, true, Some(sink))?;
+    let keep = (1.0 - mask.to_dtype(old_lp.dtype())?)?;
+    let base = (old_lp.detach() * keep)?.flatten_all()?;
+    let lp = base.index_add(&slots, &lp, 0)?.reshape((b, t - 1))?;
+    let ent = base
+        .zeros_like()?
+        .index_add(&slots, &ent.detach(), 0)?
+        .reshape((b, t - 1))?;
+    Ok((lp, ent))
 }
 
 fn check_batch(queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32], bs: usize) -> Result<()> {

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use candle_core::{Tensor, D};
 use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::bradley_terry_loss;
+use rlhf_ops::sink::GradSink;
 use serde::{Deserialize, Serialize};
 
 use crate::collate::{pad, PadSide};
@@ -264,13 +265,20 @@ pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
         for idx in &micro {
             let batch: Vec<&Pair> = idx.iter().map(|&i| &train_pairs[i]).collect();
             let mut rng = lp.dropout_rng();
-            let mut fwd = if dropout {
+            let sink = GradSink::new();
+            let fwd = if dropout {
                 Fwd::train(&mut rng)
             } else {
                 Fwd::eval_grad()
             };
-            let out = pair_loss(&model, &batch, cfg.center_rewards_coefficient, &mut fwd)?;
+            let out = pair_loss(
+                &model,
+                &batch,
+                cfg.center_rewards_coefficient,
+                &mut fwd.with_sink(&sink),
+            )?;
             grads.add(&var_refs, &(&out.loss / ga)?.backward()?)?;
+            grads.add_sink(&var_refs, sink.take())?;
             lp.set_dropout_rng(&rng);
             let m = pair_metrics(out.loss.to_scalar::<f32>()? as f64, &out.chosen, &out.rejected);
             for (k, v) in m {

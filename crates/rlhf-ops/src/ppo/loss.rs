@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{entropy_from_logits, masked_mean, masked_var, PpoError, Result};
+use super::{masked_mean, masked_var, PpoError, Result};
 
 /// The `PPOConfig` fields the loss reads (TRL defaults in [`Default`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,15 +31,17 @@ impl Default for PpoLossConfig {
 }
 
 /// The tensors of one minibatch, named as the arguments of TRL's `PPOTrainer.loss`.
-/// All are `(B, T)` except `logits` `(B, T, V)`.
+/// All are `(B, T)`.
 #[derive(Clone, Copy, Debug)]
 pub struct PpoLossInputs<'a> {
     /// Log-probs of the sampled tokens under the policy that generated them (rollout time).
     pub old_logprobs: &'a Tensor,
     /// Old values, masked (the `values` of [`super::compute_advantages`]).
     pub values: &'a Tensor,
-    /// Current policy logits (only used for the entropy stat).
-    pub logits: &'a Tensor,
+    /// Per-token entropy of the current policy (only the `policy/entropy` stat reads it;
+    /// TRL passes the logits and computes it inside, here [`super::logprobs_and_entropy`]
+    /// gives it with the log-probs, or [`super::entropy_from_logits`] from logits).
+    pub entropy: &'a Tensor,
     /// Current value predictions (differentiable).
     pub vpreds: &'a Tensor,
     /// Current log-probs of the sampled tokens (differentiable).
@@ -145,13 +147,13 @@ pub struct PpoLoss {
 /// to less than 2 (the `returns/var` and `val/var` stats are unbiased variances).
 ///
 /// # Shapes
-/// `logits`: `(B, T, V)`; everything else `(B, T)` → scalars.
+/// Every input `(B, T)` → scalars.
 pub fn ppo_loss(inputs: &PpoLossInputs<'_>, cfg: &PpoLossConfig) -> Result<PpoLoss> {
     check_shapes(inputs)?;
     let PpoLossInputs {
         old_logprobs,
         values,
-        logits,
+        entropy,
         vpreds,
         logprobs,
         mask,
@@ -195,7 +197,7 @@ pub fn ppo_loss(inputs: &PpoLossInputs<'_>, cfg: &PpoLossConfig) -> Result<PpoLo
     // Stats, all on detached tensors.
     let (logprobs, vpreds) = (logprobs.detach(), vpreds.detach());
     let log_ratio = (&logprobs - old_logprobs)?;
-    let entropy = masked_mean(&entropy_from_logits(&logits.detach())?, mask, None)?;
+    let entropy = masked_mean(&entropy.detach(), mask, None)?;
     let approxkl = masked_mean(&log_ratio.sqr()?, mask, None)?.affine(0.5, 0.0)?;
     let policykl = masked_mean(&log_ratio.neg()?, mask, None)?;
     let val_error = masked_mean(&(&vpreds - returns)?.sqr()?, mask, None)?;
@@ -232,8 +234,9 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 fn check_shapes(inputs: &PpoLossInputs<'_>) -> Result<()> {
-    let (b, t, _v) = inputs.logits.dims3()?;
+    let (b, t) = inputs.logprobs.dims2()?;
     let named = [
+        ("entropy", inputs.entropy),
         ("old_logprobs", inputs.old_logprobs),
         ("values", inputs.values),
         ("vpreds", inputs.vpreds),
@@ -247,9 +250,8 @@ fn check_shapes(inputs: &PpoLossInputs<'_>) -> Result<()> {
             return Err(PpoError::Shape {
                 function: "ppo_loss",
                 msg: format!(
-                    "`{name}` has shape {:?}, expected (B, T) = ({b}, {t}) from `logits` {:?}",
+                    "`{name}` has shape {:?}, expected (B, T) = ({b}, {t}) from `logprobs`",
                     tensor.dims(),
-                    inputs.logits.dims()
                 ),
             });
         }
@@ -260,6 +262,7 @@ fn check_shapes(inputs: &PpoLossInputs<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ppo::entropy_from_logits;
     use crate::rng::RngStream;
     use candle_core::{Device, Var};
 
@@ -300,7 +303,7 @@ mod tests {
         let inputs = PpoLossInputs {
             old_logprobs: &b.old_logprobs,
             values: &b.values,
-            logits: &b.logits,
+            entropy: &entropy_from_logits(&b.logits).unwrap(),
             vpreds,
             logprobs,
             mask: &b.mask,
@@ -348,7 +351,7 @@ mod tests {
         let inputs = PpoLossInputs {
             old_logprobs: &b.old_logprobs,
             values: &b.values,
-            logits: &b.logits,
+            entropy: &entropy_from_logits(&b.logits).unwrap(),
             vpreds: &short,
             logprobs: &b.old_logprobs,
             mask: &b.mask,
