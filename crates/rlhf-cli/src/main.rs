@@ -40,7 +40,21 @@ enum Command {
     Merge(merge::Args),
 }
 
+/// Runs all parallel work on one pool. candle's CPU backend splits large element-wise ops
+/// over a spinning pool of its own beside rayon's (which runs the matrix products and the
+/// fused kernels); on a machine with few cores the two pools' spinning threads take each
+/// other's cores, and a step gets several times slower. Unless the user chose a size,
+/// candle's pool is given no extra workers (`CANDLE_NUM_THREADS=1`); rayon keeps every
+/// core (`RAYON_NUM_THREADS` still applies).
+fn single_thread_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Nothing else runs yet: the first statement of `main`, before any thread starts.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    single_thread_pool();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
