@@ -13,6 +13,14 @@ use candle_core::{DType, Device, Result, Tensor, D};
 /// # Shapes
 /// `x`: `(.., H)`, `w`, `b`: `(H)` → `(.., H)` in the dtype of `x`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::applies(&[x, w, b]) {
+        return crate::kernels::layer_norm(x, w, b, eps);
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// [`layer_norm`] from candle ops (every dtype; the fused kernel's test oracle).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -38,6 +46,14 @@ pub fn compute_dtype(dtype: DType) -> DType {
 /// # Shapes
 /// `x`: `(.., N)` → `(.., N)`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(&[x]) {
+        return crate::kernels::softmax_last_dim(x);
+    }
+    softmax_last_dim_composed(x)
+}
+
+/// [`softmax_last_dim`] from candle ops (every dtype; the fused kernel's test oracle).
+pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -84,6 +100,7 @@ impl Activation {
     /// Applies the activation.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::GeluTanh if crate::kernels::applies(&[x]) => crate::kernels::gelu_tanh(x),
             Self::GeluTanh => x.gelu(),
             Self::GeluErf => x.gelu_erf(),
             Self::Relu => x.relu(),

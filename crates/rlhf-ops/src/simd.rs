@@ -78,6 +78,7 @@ macro_rules! dispatched {
         }
     };
 }
+pub(crate) use dispatched;
 
 dispatched! {
     /// Maximum of a row (`-inf` for an empty row; NaN-propagation is not guaranteed).

@@ -1,0 +1,498 @@
+//! Fused CPU kernels for the transformer body, each a candle custom op with its backward:
+//! layer norm, the tanh GELU and the last-dimension softmax, in f32. One pass per row (or
+//! per element) forward and one backward, vectorised (see [`crate::simd`]) and split over
+//! rayon, where the composed versions in [`crate::nn`] run five to ten candle ops, each a
+//! pass over memory and an allocation, and reduce gradients over broadcast dimensions.
+//! The composed versions stay as the test oracles (values and gradients) and serve the
+//! other dtypes.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::simd::{dispatched, exp_f32};
+
+/// Elements per parallel task of the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Whether the fused kernels apply: f32 tensors on the CPU.
+pub fn applies(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// Rows per task for rows of `h` elements.
+fn rows_per_task(h: usize) -> usize {
+    (CHUNK / h.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------- layer norm
+
+/// `y = (x − mean) / sqrt(var + eps) · w + b` over the last dimension (biased variance),
+/// f32 only; equal to [`crate::nn::layer_norm_composed`] to f32 rounding.
+///
+/// # Shapes
+/// `x`: `(.., H)`, `w`, `b`: `(H)` → `(.., H)`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+#[inline(always)]
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let h = x.len() as f32;
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    let mean = (acc.iter().sum::<f32>() + rest.iter().sum::<f32>()) / h;
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()) / h;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline(always)]
+fn ln_fwd_rows_imp(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    for (x, y) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+        let (mean, rstd) = ln_stats(x, eps);
+        for i in 0..h {
+            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+}
+
+dispatched! {
+    /// Layer norm of whole rows of `x` into `y`.
+    pub fn ln_fwd_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) = ln_fwd_rows_imp;
+}
+
+/// Backward of rows: writes `dx`, adds to `dw`, `db`.
+#[inline(always)]
+fn ln_bwd_rows_imp(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+    let h = w.len();
+    let hf = h as f32;
+    for ((x, g), dx) in x.chunks_exact(h).zip(g.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+        let (mean, rstd) = ln_stats(x, eps);
+        let (mut c1, mut c2) = (0f32, 0f32);
+        for i in 0..h {
+            let xn = (x[i] - mean) * rstd;
+            let gw = g[i] * w[i];
+            c1 += gw;
+            c2 += gw * xn;
+            dw[i] += g[i] * xn;
+            db[i] += g[i];
+        }
+        let (c1, c2) = (c1 / hf, c2 / hf);
+        for i in 0..h {
+            let xn = (x[i] - mean) * rstd;
+            dx[i] = rstd * (g[i] * w[i] - c1 - xn * c2);
+        }
+    }
+}
+
+dispatched! {
+    /// Layer-norm backward of whole rows.
+    pub fn ln_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32])
+        = ln_bwd_rows_imp;
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "layer_norm")?,
+            slice(s2, l2, "layer_norm")?,
+            slice(s3, l3, "layer_norm")?,
+        );
+        let h = w.len();
+        if h == 0 || b.len() != h || l1.dims().last() != Some(&h) {
+            candle_core::bail!(
+                "layer_norm: x {:?}, w {:?}, b {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let mut y = vec![0f32; x.len()];
+        let n = rows_per_task(h) * h;
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(y, x)| ln_fwd_rows(x, w, b, self.eps, y));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let out = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        // `out` is `(rows + 2, H)`: dx, then dw and db.
+        let rows = out.dim(0)? - 2;
+        let dx = out.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = out.narrow(0, rows, 1)?.reshape(h)?;
+        let db = out.narrow(0, rows + 1, 1)?.reshape(h)?;
+        Ok((
+            x.track_op().then_some(dx),
+            w.track_op().then_some(dw),
+            b.track_op().then_some(db),
+        ))
+    }
+}
+
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (
+            slice(s1, l1, "layer_norm")?,
+            slice(s2, l2, "layer_norm")?,
+            slice(s3, l3, "layer_norm")?,
+        );
+        let h = w.len();
+        let rows = x.len() / h.max(1);
+        let mut out = vec![0f32; x.len() + 2 * h];
+        let (dx, _) = out.split_at_mut(x.len());
+        let n = rows_per_task(h) * h;
+        // Per-task partial sums of dw and db, added in task order (deterministic).
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+            .map(|(dx, (x, g))| {
+                let mut p = vec![0f32; 2 * h];
+                let (dw, db) = p.split_at_mut(h);
+                ln_bwd_rows(x, w, g, self.eps, dx, dw, db);
+                p
+            })
+            .collect();
+        let tail = &mut out[x.len()..];
+        for p in partial {
+            tail.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))
+    }
+}
+
+// ---------------------------------------------------------------- GELU (tanh)
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// `tanh` from the polynomial `exp`: `1 − 2 / (e^{2u} + 1)` (absolute error ~1e-7).
+#[inline(always)]
+fn tanh_f32(u: f32) -> f32 {
+    let u = u.clamp(-20.0, 20.0);
+    1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
+}
+
+#[inline(always)]
+fn gelu_fwd_imp(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        let t = tanh_f32(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+        *y = 0.5 * x * (1.0 + t);
+    }
+}
+
+#[inline(always)]
+fn gelu_bwd_imp(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let t = tanh_f32(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+        *dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+    }
+}
+
+dispatched! {
+    /// `gelu_new` of a slice.
+    pub fn gelu_fwd(x: &[f32], y: &mut [f32]) = gelu_fwd_imp;
+}
+
+dispatched! {
+    /// `g · gelu_new'(x)` of a slice.
+    pub fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) = gelu_bwd_imp;
+}
+
+/// The tanh GELU (`gelu_new`), `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`, f32 only;
+/// equal to candle's `gelu` to ~1e-6.
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluTanh)
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| gelu_fwd(x, y));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhBwd)?))
+    }
+}
+
+struct GeluTanhBwd;
+
+impl CustomOp2 for GeluTanhBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-tanh-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1, "gelu")?, slice(s2, l2, "gelu")?);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(dx, (x, g))| gelu_bwd(x, g, dx));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+#[inline(always)]
+fn softmax_rows_imp(x: &[f32], n: usize, y: &mut [f32]) {
+    for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let mut m = f32::NEG_INFINITY;
+        for &v in x {
+            m = if v > m { v } else { m };
+        }
+        let mut s = 0f32;
+        for (y, &v) in y.iter_mut().zip(x) {
+            let e = exp_f32(v - m);
+            *y = e;
+            s += e;
+        }
+        let inv = 1.0 / s;
+        for y in y.iter_mut() {
+            *y *= inv;
+        }
+    }
+}
+
+#[inline(always)]
+fn softmax_bwd_rows_imp(y: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
+    for ((y, g), dx) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+        let mut dot = 0f32;
+        for i in 0..n {
+            dot += y[i] * g[i];
+        }
+        for i in 0..n {
+            dx[i] = y[i] * (g[i] - dot);
+        }
+    }
+}
+
+dispatched! {
+    /// Softmax of whole rows of length `n`.
+    pub fn softmax_rows(x: &[f32], n: usize, y: &mut [f32]) = softmax_rows_imp;
+}
+
+dispatched! {
+    /// Softmax backward of whole rows: `dx = y (g − Σ g y)`.
+    pub fn softmax_bwd_rows(y: &[f32], g: &[f32], n: usize, dx: &mut [f32]) = softmax_bwd_rows_imp;
+}
+
+/// Softmax over the last dimension, f32 only; equal to
+/// [`crate::nn::softmax_last_dim_composed`] to f32 rounding.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax")?;
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        let c = rows_per_task(n) * n;
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(y, x)| softmax_rows(x, n, y));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(s1, l1, "softmax")?, slice(s2, l2, "softmax")?);
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; y.len()];
+        let c = rows_per_task(n) * n;
+        dx.par_chunks_mut(c)
+            .zip(y.par_chunks(c).zip(g.par_chunks(c)))
+            .for_each(|(dx, (y, g))| softmax_bwd_rows(y, g, n, dx));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{layer_norm_composed, softmax_last_dim_composed};
+    use crate::rng::RngStream;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+        let mut rng = RngStream::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (scale * (2.0 * rng.uniform_f64() - 1.0)) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn close(name: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{name}");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{name}[{i}]: fused {x} vs composed {y}");
+        }
+    }
+
+    /// Values and gradients of every input through `f` (fused) and `g` (composed), under a
+    /// random linear loss.
+    fn check(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, g: &dyn Fn(&[Tensor]) -> Tensor, tol: f32) {
+        let run = |h: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = h(&ts);
+            let wts = random(y.dims(), 1.0, 99);
+            let grads = (&y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs: Vec<Vec<f32>> = vars.iter().map(|v| flat(grads.get(v.as_tensor()).unwrap())).collect();
+            (flat(&y), gs)
+        };
+        let (a, b) = (run(f), run(g));
+        close("value", &a.0, &b.0, tol);
+        for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+            close(&format!("grad of input {i}"), x, y, tol);
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_oracle() {
+        for (rows, h) in [(37, 128), (5, 19), (2, 768)] {
+            let inputs = [
+                (random(&[rows, h], 3.0, 1) + 0.5).unwrap(),
+                random(&[h], 1.0, 2),
+                random(&[h], 1.0, 3),
+            ];
+            check(
+                &inputs,
+                &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+                &|t| layer_norm_composed(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_matches_candles_gelu() {
+        let x = random(&[3, 7001], 6.0, 4);
+        check(&[x], &|t| gelu_tanh(&t[0]).unwrap(), &|t| t[0].gelu().unwrap(), 2e-6);
+    }
+
+    #[test]
+    fn softmax_matches_the_composed_oracle_including_masked_entries() {
+        let x = random(&[2, 3, 5, 41], 4.0, 5);
+        let mask: Vec<f32> = (0..41).map(|k| if k % 3 == 0 { -1e9 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, 41, &Device::Cpu).unwrap();
+        let x = x.broadcast_add(&mask).unwrap();
+        check(
+            &[x],
+            &|t| softmax_last_dim(&t[0]).unwrap(),
+            &|t| softmax_last_dim_composed(&t[0]).unwrap(),
+            1e-6,
+        );
+    }
+}
