@@ -1,4 +1,5 @@
-//! `rlhf sft` and `rlhf reward`: a TOML config and/or `--key value` flags with TRL's names.
+//! `rlhf sft`, `rlhf reward` and `rlhf ppo`: a TOML config and/or `--key value` flags with
+//! TRL's names; Ctrl-C stops a run after its current step with a checkpoint ([`crate::stop`]).
 
 use std::path::PathBuf;
 
@@ -30,7 +31,7 @@ fn values(a: &Args) -> anyhow::Result<(serde_json::Map<String, serde_json::Value
 pub fn reward(a: Args) -> anyhow::Result<()> {
     let (v, source) = values(&a)?;
     let cfg: rlhf_train::reward::RewardConfig = resolve(&v, &source)?;
-    let out = rlhf_train::reward::train(&cfg)?;
+    let out = rlhf_train::reward::train_until(&cfg, &crate::stop::install()?)?;
     println!("reward model saved to {}", out.final_dir.display());
     if let Some(m) = out.eval {
         println!("eval accuracy {:.4}  eval loss {:.4}", m["accuracy"], m["loss"]);
@@ -41,7 +42,7 @@ pub fn reward(a: Args) -> anyhow::Result<()> {
 pub fn sft(a: Args) -> anyhow::Result<()> {
     let (v, source) = values(&a)?;
     let cfg: rlhf_train::sft::SftConfig = resolve(&v, &source)?;
-    let out = rlhf_train::sft::train(&cfg)?;
+    let out = rlhf_train::sft::train_until(&cfg, &crate::stop::install()?)?;
     println!("model saved to {}", out.final_dir.display());
     if let Some(m) = out.eval {
         println!("eval loss {:.4}", m["loss"]);
@@ -52,7 +53,7 @@ pub fn sft(a: Args) -> anyhow::Result<()> {
 pub fn ppo(a: Args) -> anyhow::Result<()> {
     let (v, source) = values(&a)?;
     let cfg: rlhf_train::ppo_run::PpoRunConfig = resolve(&v, &source)?;
-    let out = rlhf_train::ppo_run::train(&cfg)?;
+    let out = rlhf_train::ppo_run::train_until(&cfg, &crate::stop::install()?)?;
     println!("policy saved to {}", out.final_dir.display());
     if let (Some(first), Some(last)) = (out.reward_means.first(), out.reward_means.last()) {
         println!("mean reward: first step {first:.4}, last step {last:.4}");

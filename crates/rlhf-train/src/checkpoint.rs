@@ -107,6 +107,12 @@ impl RunDir {
         out
     }
 
+    /// `checkpoint-<step>/` if it is complete.
+    pub fn complete_checkpoint(&self, step: u64) -> Option<PathBuf> {
+        let dir = self.root.join(format!("checkpoint-{step}"));
+        dir.join("trainer_state.json").is_file().then_some(dir)
+    }
+
     /// Resolves `--resume-from-checkpoint`: `latest` or a path.
     pub fn resolve_checkpoint(&self, spec: &str) -> Result<PathBuf> {
         if spec == "latest" {

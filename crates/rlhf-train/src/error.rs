@@ -40,6 +40,16 @@ pub enum TrainError {
     /// Training diverged (NaN or infinite loss, reward or gradient).
     #[error("{0}")]
     Diverged(String),
+    /// Training stopped on request (Ctrl-C, SIGTERM) between optimizer steps.
+    #[error("{msg}")]
+    Interrupted {
+        /// What asked for the stop (e.g. `SIGINT`).
+        reason: String,
+        /// The checkpoint holding the last completed step (`None` before the first step).
+        checkpoint: Option<PathBuf>,
+        /// The step, the checkpoint and how to resume.
+        msg: String,
+    },
     /// A model error.
     #[error(transparent)]
     Model(#[from] rlhf_models::ModelError),

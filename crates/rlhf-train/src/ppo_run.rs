@@ -14,6 +14,7 @@ use crate::peft_args::{load_trainable, save_trained, PeftArgs};
 use crate::ppo::{log_stats, PpoState, PpoTrainer};
 use crate::ppo_config::PpoConfig;
 use crate::score::reward_tokens;
+use crate::stop::StopSignal;
 use crate::trainer::permutation;
 
 /// Settings of `rlhf ppo`: TRL's `PPOConfig` plus paths, generation and run cadence.
@@ -115,6 +116,12 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 /// Runs PPO as TRL's example scripts do.
 pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
+    train_until(cfg, &StopSignal::new())
+}
+
+/// [`train`], stopping between PPO steps once `stop` is requested: the last completed step is
+/// saved as a checkpoint and the error is [`TrainError::Interrupted`].
+pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> {
     // 1. config, run directory, models
     cfg.ppo.validate()?;
     for (k, v) in [
@@ -235,6 +242,11 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
     let mut reward_means = Vec::new();
     let mut last_ckpt: Option<PathBuf> = resume.clone();
     while trainer.current_step < total {
+        if stop.requested().is_some() {
+            progress.finish_and_clear();
+        }
+        let save = || save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit);
+        crate::stop::stop_if_requested(stop, &run, trainer.current_step, total, save)?;
         let s = trainer.current_step;
         let perm = permutation(prompts.len(), cfg.ppo.seed.wrapping_add(s / per_epoch));
         let start = (s % per_epoch) as usize * bs;
@@ -270,18 +282,7 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
             say(table);
         }
         if cfg.save_steps > 0 && trainer.current_step % cfg.save_steps == 0 && trainer.current_step < total {
-            let state = RunState {
-                ppo: trainer.state(),
-                generation: (gen_rng.seed, gen_rng.counter),
-            };
-            let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-            let opt = trainer.optimizer_state()?;
-            let model = &trainer.model;
-            last_ckpt = Some(run.save_checkpoint(trainer.current_step, cfg.save_total_limit, |tmp| {
-                save_trained(model, tmp)?;
-                save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
-                write_atomic(&tmp.join("trainer_state.json"), &bytes)
-            })?);
+            last_ckpt = Some(save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit)?);
         }
     }
     progress.finish_and_clear();
@@ -290,6 +291,22 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
         model: trainer.model,
         final_dir,
         reward_means,
+    })
+}
+
+/// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments, the trainer's
+/// state and the position of the generation stream.
+fn save_checkpoint(run: &RunDir, trainer: &PpoTrainer, gen_rng: &RngStream, limit: Option<usize>) -> Result<PathBuf> {
+    let state = RunState {
+        ppo: trainer.state(),
+        generation: (gen_rng.seed, gen_rng.counter),
+    };
+    let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let opt = trainer.optimizer_state()?;
+    run.save_checkpoint(trainer.current_step, limit, |tmp| {
+        save_trained(&trainer.model, tmp)?;
+        save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
+        write_atomic(&tmp.join("trainer_state.json"), &bytes)
     })
 }
 

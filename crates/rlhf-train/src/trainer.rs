@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamConfig, AdamW, Grads, LinearSchedule};
+use crate::stop::StopSignal;
 
 /// transformers `TrainingArguments` fields shared by the SFT and reward trainers (same
 /// names; defaults set by each trainer's config).
@@ -421,6 +422,18 @@ impl TrainLoop {
         })?;
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
+    }
+
+    /// When `stop` was requested: closes the progress bar, saves `checkpoint-<step>/` of the
+    /// last completed step (unless it is there already) and returns
+    /// [`TrainError::Interrupted`] naming it. Call between optimizer steps only.
+    pub fn stop_if_requested(&mut self, model: &Model, stop: &StopSignal) -> Result<()> {
+        if stop.requested().is_none() {
+            return Ok(());
+        }
+        self.progress.finish_and_clear();
+        let (run, step, total) = (self.run.clone(), self.state.global_step, self.total_steps);
+        crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint(model))
     }
 
     /// Restores optimizer and loop state from a checkpoint (the model's weights must already
