@@ -506,3 +506,56 @@ fn an_io_error_names_its_cause_once() {
         assert_eq!(err.matches(cause).count(), 1, "{err}");
     }
 }
+
+#[test]
+fn resuming_with_other_training_flags_is_refused_listing_each_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pairs(8, &tmp.path().join("pairs.jsonl"));
+    let run = tmp.path().join("run");
+    let flags = args(&[
+        "--model-name-or-path",
+        &path(&fixtures().join("tiny-gpt2")),
+        "--train-file",
+        &path(&data),
+        "--per-device-train-batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--quiet",
+    ]);
+    run_ok(rlhf("reward", &flags, &run, &[]));
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let resume = ["--resume-from-checkpoint", "latest"];
+    let o = output(rlhf(
+        "reward",
+        &flags,
+        &run,
+        &[&resume[..], &["--learning-rate", "2e-3", "--seed", "9"]].concat(),
+    ));
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    for part in [
+        format!("{}: cannot resume: 2 setting(s) differ", path(&run.join("config.toml"))),
+        "learning_rate: 0.001 (saved) → 0.002 (now)".into(),
+        "seed: 42 (saved) → 9 (now)".into(),
+        "--overwrite-output-dir".into(),
+    ] {
+        assert!(err.contains(&part), "{part}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        before,
+        "refused resume changed the run"
+    );
+    // Cadence and quietness may change: they leave the weights alone.
+    run_ok(rlhf(
+        "reward",
+        &flags,
+        &run,
+        &[&resume[..], &["--save-steps", "5", "--logging-steps", "2"]].concat(),
+    ));
+}

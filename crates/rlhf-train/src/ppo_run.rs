@@ -124,13 +124,14 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
 pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> {
     // 1. config, run directory, models
     cfg.ppo.validate()?;
+    let sampler = length_sampler(cfg)?;
     for (k, v) in [
         ("model_name_or_path", &cfg.model_name_or_path),
         ("reward_model_path", &cfg.reward_model_path),
         ("train_file", &cfg.train_file),
     ] {
         if v.is_empty() && !(k == "model_name_or_path" && cfg.resume_from_checkpoint.is_some()) {
-            return Err(TrainError::Config(format!("config key `{k}`: required")));
+            return Err(TrainError::setting(k, "required"));
         }
     }
     let run = RunDir::prepare(
@@ -143,6 +144,9 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         .as_deref()
         .map(|s| run.resolve_checkpoint(s))
         .transpose()?;
+    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
+        crate::config::check_resume(cfg, &saved)?;
+    }
     let opts = LoadOptions::default();
     let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
     if reward_model.score_head.is_none() {
@@ -179,7 +183,13 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
     if prompts.len() < bs {
         return Err(TrainError::Data {
             path: PathBuf::from(&cfg.train_file),
-            msg: format!("{} usable prompts, fewer than batch_size ({bs})", prompts.len()),
+            msg: format!(
+                "{} usable prompt{}, fewer than batch_size ({bs}); a prompt is usable when it is not empty and \
+                 leaves room for {max_new} new tokens within n_positions ({n_pos})\n\
+                 hint: add prompts, lower batch_size, or lower max_new_tokens / output_max_length",
+                prompts.len(),
+                if prompts.len() == 1 { "" } else { "s" }
+            ),
         });
     }
     let gen = GenerationConfig {
@@ -191,15 +201,6 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         top_p: cfg.top_p,
         eos_token_id: Some(tok.eos_token_id),
         pad_token_id: tok.pad_token_id,
-    };
-    let sampler = match (cfg.output_min_length, cfg.output_max_length) {
-        (Some(lo), Some(hi)) if hi > lo => Some((lo, hi)),
-        (None, None) => None,
-        _ => {
-            return Err(TrainError::Config(
-                "output_min_length must be below output_max_length (both set)".into(),
-            ))
-        }
     };
     let mut gen_rng = RngStream::new(cfg.ppo.seed.wrapping_add(2));
     if let Some(ckpt) = &resume {
@@ -292,6 +293,22 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         final_dir,
         reward_means,
     })
+}
+
+/// The length sampler `[output_min_length, output_max_length)` for `max_new_tokens`, if set.
+fn length_sampler(cfg: &PpoRunConfig) -> Result<Option<(usize, usize)>> {
+    match (cfg.output_min_length, cfg.output_max_length) {
+        (Some(lo), Some(hi)) if hi > lo => Ok(Some((lo, hi))),
+        (None, None) => Ok(None),
+        (Some(lo), Some(hi)) => Err(TrainError::setting(
+            "output_min_length",
+            format!("({lo}) must be below output_max_length ({hi})"),
+        )),
+        _ => Err(TrainError::setting(
+            "output_min_length",
+            "the length sampler needs both output_min_length and output_max_length; set both or neither",
+        )),
+    }
 }
 
 /// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments, the trainer's

@@ -112,7 +112,7 @@ impl Default for TrainingArgs {
 impl TrainingArgs {
     /// Checks ranges and names, saying which key is wrong and how to fix it.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, msg: String| Err(TrainError::Config(format!("config key `{k}`: {msg}")));
+        let bad = |k: &str, msg: String| Err(TrainError::setting(k, msg));
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad(
                 "learning_rate",
@@ -523,7 +523,8 @@ impl DataPaths {
 }
 
 /// Stage 1 of the SFT and reward trainers: validates the settings, prepares the run
-/// directory, resolves the checkpoint to resume from, loads the trainable model (see
+/// directory, resolves the checkpoint to resume from (refusing settings that differ from the
+/// run's saved config in a key that changes training, [`crate::config::check_resume`]), loads the trainable model (see
 /// [`crate::peft_args::load_trainable`]; `prepare` runs on the loaded base) and writes the
 /// resolved config.
 pub fn open_run<C: serde::Serialize>(
@@ -545,9 +546,13 @@ pub fn open_run<C: serde::Serialize>(
         .as_deref()
         .map(|s| run.resolve_checkpoint(s))
         .transpose()?;
+    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
+        crate::config::check_resume(cfg, &saved)?;
+    }
     if model_name_or_path.is_empty() && resume.is_none() {
-        return Err(TrainError::Config(
-            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
+        return Err(TrainError::setting(
+            "model_name_or_path",
+            "required (a GPT-2 model directory)",
         ));
     }
     let model = crate::peft_args::load_trainable(
