@@ -524,9 +524,9 @@ impl DataPaths {
 
 /// Stage 1 of the SFT and reward trainers: validates the settings, prepares the run
 /// directory, resolves the checkpoint to resume from (refusing settings that differ from the
-/// run's saved config in a key that changes training, [`crate::config::check_resume`]), loads the trainable model (see
-/// [`crate::peft_args::load_trainable`]; `prepare` runs on the loaded base) and writes the
-/// resolved config.
+/// run's saved config in a key that changes training, [`crate::config::check_resume`]),
+/// loads the trainable model (see [`crate::peft_args::load_trainable`]; `prepare` runs on
+/// the loaded base) and writes the resolved config.
 pub fn open_run<C: serde::Serialize>(
     cfg: &C,
     args: &TrainingArgs,
