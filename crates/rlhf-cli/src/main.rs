@@ -6,6 +6,7 @@ mod merge;
 mod plot;
 mod quickstart;
 mod score;
+mod stop;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +79,12 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // A run stopped by Ctrl-C / SIGTERM saved its checkpoint: not an error, but the
+            // shell's status for the signal.
+            if let Some(rlhf_train::TrainError::Interrupted { reason, .. }) = e.downcast_ref() {
+                eprintln!("{}", error_text(&e));
+                return std::process::ExitCode::from(stop::exit_code(reason));
+            }
             eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::FAILURE
         }

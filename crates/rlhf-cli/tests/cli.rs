@@ -115,3 +115,45 @@ fn bad_data_and_bad_model_dirs_are_errors_not_panics() {
         "{err}"
     );
 }
+
+#[test]
+fn a_range_error_names_the_config_file_or_flag_that_set_it_before_any_model_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reward.toml");
+    std::fs::write(&cfg, "model_name_or_path = \"/nonexistent\"\nlearning_rate = -1\n").unwrap();
+    let out = dir.path().join("out");
+    let (c, o) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, _, err) = rlhf(&["reward", "--config", c, "--output-dir", o]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{c}: config key `learning_rate`: must be a non-negative number, got -1"
+        )),
+        "{err}"
+    );
+    let (_, _, err) = rlhf(&["reward", "--config", c, "--learning-rate", "-2", "--output-dir", o]);
+    assert!(err.contains("flags: config key `learning_rate`"), "{err}");
+    // PPO's length sampler is checked before the (here missing) models are loaded.
+    let ppo = [
+        "ppo",
+        "--model-name-or-path",
+        "/nonexistent",
+        "--reward-model-path",
+        "/nonexistent",
+        "--train-file",
+        "/nonexistent.jsonl",
+        "--output-min-length",
+        "8",
+        "--output-max-length",
+        "4",
+        "--output-dir",
+        o,
+    ];
+    let (ok, _, err) = rlhf(&ppo);
+    assert!(!ok);
+    assert!(
+        err.contains("flags: config key `output_min_length`: (8) must be below output_max_length (4)"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused run created its output directory");
+}

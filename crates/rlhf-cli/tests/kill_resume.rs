@@ -4,12 +4,14 @@
 //! moment after its first checkpoint, then rerun with `--resume-from-checkpoint latest`, ends
 //! with the `metrics.jsonl` (wall-clock keys aside) and the `final/model.safetensors` bytes of
 //! an uninterrupted run with the same flags. The kill delay is printed; set
-//! `RLHF_KILL_DELAY_MS` to replay one. Also: an output directory that holds a run is refused
+//! `RLHF_KILL_DELAY_MS` to replay one. A run sent SIGINT (Ctrl-C) or SIGTERM instead stops
+//! after its current step with status 130 / 143, saves that step as a checkpoint and names it
+//! with the resume flag; resumed, it ends the same way. Also: an output directory that holds a run is refused
 //! without `--overwrite-output-dir`, and a diverging run stops naming the step and the last
 //! good checkpoint, leaving the earlier checkpoints intact. See docs/reliability.md.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -114,41 +116,23 @@ fn kill_delay(max_ms: u64) -> u64 {
     nanos % max_ms
 }
 
-/// Runs `cmd` uninterrupted, then again in a fresh directory killed (SIGKILL) a random-ish
-/// delay after its first checkpoint appears, then resumed; the two runs must agree.
-fn killed_and_resumed_equals_uninterrupted(cmd: &str, flags: &[String], tmp: &Path, max_delay_ms: u64) {
-    let full = tmp.join("full");
-    run_ok(rlhf(cmd, flags, &full, &[]));
-
-    let part = tmp.join("part");
-    let mut child = rlhf(cmd, flags, &part, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("invariant: the rlhf binary starts");
+/// Waits until `run` holds a complete checkpoint; `child` must not exit before.
+fn wait_for_first_checkpoint(cmd: &str, child: &mut Child, run: &Path) {
     let start = Instant::now();
     // A checkpoint directory appears by rename, complete, so its presence is enough.
-    while checkpoints(&part).is_empty() {
+    while checkpoints(run).is_empty() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("{cmd}: exited ({status}) before its first checkpoint");
         }
         assert!(start.elapsed() < Duration::from_secs(120), "{cmd}: no checkpoint");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let delay = kill_delay(max_delay_ms);
-    std::thread::sleep(Duration::from_millis(delay));
-    let finished = child.try_wait().unwrap().is_some();
-    child.kill().unwrap(); // SIGKILL; an error only if it already exited
-    child.wait().unwrap();
-    let resumed_from = *checkpoints(&part).last().unwrap();
-    eprintln!(
-        "{cmd}: killed {delay} ms after the first checkpoint (RLHF_KILL_DELAY_MS={delay} replays it){}; \
-         resuming from checkpoint-{resumed_from}",
-        if finished { ", but it had already finished" } else { "" }
-    );
+}
 
-    run_ok(rlhf(cmd, flags, &part, &["--resume-from-checkpoint", "latest"]));
-    let (want, got) = (metrics(&full), metrics(&part));
+/// The resumed run `part` (resumed from `checkpoint-<resumed_from>`) ends like `full`: the same
+/// metrics from the checkpoint's step on and in all, and the same final weights, byte for byte.
+fn assert_resumed_equals_uninterrupted(cmd: &str, full: &Path, part: &Path, resumed_from: u64, how: &str) {
+    let (want, got) = (metrics(full), metrics(part));
     let after = |m: &[Value]| -> Vec<Value> {
         m.iter()
             .filter(|v| v["step"].as_u64().is_some_and(|s| s >= resumed_from))
@@ -167,16 +151,87 @@ fn killed_and_resumed_equals_uninterrupted(cmd: &str, flags: &[String], tmp: &Pa
     assert_eq!(got, want, "{cmd}: metrics.jsonl differs");
     let weights = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
     assert!(
-        weights(&part) == weights(&full),
-        "{cmd}: final/model.safetensors differs after kill + resume (killed after {delay} ms)"
+        weights(part) == weights(full),
+        "{cmd}: final/model.safetensors differs after {how} + resume"
     );
 }
 
-#[test]
-fn a_killed_sft_run_resumes_to_the_uninterrupted_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = sft_rows(24, &tmp.path().join("sft.jsonl"));
-    let flags = args(&[
+/// Runs `cmd` uninterrupted, then again in a fresh directory killed (SIGKILL) a random-ish
+/// delay after its first checkpoint appears, then resumed; the two runs must agree.
+fn killed_and_resumed_equals_uninterrupted(cmd: &str, flags: &[String], tmp: &Path, max_delay_ms: u64) {
+    let full = tmp.join("full");
+    run_ok(rlhf(cmd, flags, &full, &[]));
+
+    let part = tmp.join("part");
+    let mut child = rlhf(cmd, flags, &part, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("invariant: the rlhf binary starts");
+    wait_for_first_checkpoint(cmd, &mut child, &part);
+    let delay = kill_delay(max_delay_ms);
+    std::thread::sleep(Duration::from_millis(delay));
+    let finished = child.try_wait().unwrap().is_some();
+    child.kill().unwrap(); // SIGKILL; an error only if it already exited
+    child.wait().unwrap();
+    let resumed_from = *checkpoints(&part).last().unwrap();
+    eprintln!(
+        "{cmd}: killed {delay} ms after the first checkpoint (RLHF_KILL_DELAY_MS={delay} replays it){}; \
+         resuming from checkpoint-{resumed_from}",
+        if finished { ", but it had already finished" } else { "" }
+    );
+
+    run_ok(rlhf(cmd, flags, &part, &["--resume-from-checkpoint", "latest"]));
+    let how = format!("a kill after {delay} ms");
+    assert_resumed_equals_uninterrupted(cmd, &full, &part, resumed_from, &how);
+}
+
+/// Runs `cmd` uninterrupted, then again in a fresh directory sent `signal` (`INT` or `TERM`,
+/// through `kill`) as soon as its first checkpoint appears: it must stop after its current
+/// step with the shell's status for the signal, naming the checkpoint it saved and how to
+/// resume; resumed, it must end like the uninterrupted run.
+fn stopped_by_signal_and_resumed_equals_uninterrupted(cmd: &str, flags: &[String], tmp: &Path, signal: &str) {
+    let full = tmp.join("full");
+    run_ok(rlhf(cmd, flags, &full, &[]));
+
+    let part = tmp.join("part");
+    let mut child = rlhf(cmd, flags, &part, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("invariant: the rlhf binary starts");
+    wait_for_first_checkpoint(cmd, &mut child, &part);
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("invariant: kill runs");
+    assert!(sent.success(), "{cmd}: kill -{signal} failed");
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    let code = if signal == "INT" { 130 } else { 143 };
+    assert_eq!(o.status.code(), Some(code), "{cmd}: {err}");
+    let stopped_at = *checkpoints(&part).last().unwrap();
+    let ckpt = part.join(format!("checkpoint-{stopped_at}"));
+    assert!(
+        err.contains(&format!("stopped by SIG{signal} after step {stopped_at} of"))
+            && err.contains(&path(&ckpt))
+            && err.contains("--resume-from-checkpoint latest")
+            && !err.contains("error:"),
+        "{cmd}: {err}"
+    );
+    assert!(!part.join("final").exists(), "{cmd}: an interrupted run wrote final/");
+    eprintln!("{cmd}: stopped by SIG{signal} at step {stopped_at}");
+
+    run_ok(rlhf(cmd, flags, &part, &["--resume-from-checkpoint", "latest"]));
+    let how = format!("SIG{signal}");
+    assert_resumed_equals_uninterrupted(cmd, &full, &part, stopped_at, &how);
+}
+
+/// 8 SFT steps on the tiny model, a checkpoint every 2, dropout on.
+fn sft_flags(tmp: &Path) -> Vec<String> {
+    let data = sft_rows(24, &tmp.join("sft.jsonl"));
+    args(&[
         "--model-name-or-path",
         &path(&fixtures().join("tiny-gpt2")),
         "--train-file",
@@ -198,15 +253,13 @@ fn a_killed_sft_run_resumes_to_the_uninterrupted_result() {
         "--seed",
         "7",
         "--quiet",
-    ]);
-    killed_and_resumed_equals_uninterrupted("sft", &flags, tmp.path(), 1500);
+    ])
 }
 
-#[test]
-fn a_killed_reward_run_resumes_to_the_uninterrupted_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = pairs(24, &tmp.path().join("pairs.jsonl"));
-    let flags = args(&[
+/// 8 reward-model steps on the tiny model, a checkpoint every 2, dropout on.
+fn reward_flags(tmp: &Path) -> Vec<String> {
+    let data = pairs(24, &tmp.join("pairs.jsonl"));
+    args(&[
         "--model-name-or-path",
         &path(&fixtures().join("tiny-gpt2")),
         "--train-file",
@@ -228,15 +281,13 @@ fn a_killed_reward_run_resumes_to_the_uninterrupted_result() {
         "--seed",
         "7",
         "--quiet",
-    ]);
-    killed_and_resumed_equals_uninterrupted("reward", &flags, tmp.path(), 1000);
+    ])
 }
 
-#[test]
-fn a_killed_ppo_run_resumes_to_the_uninterrupted_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let rm = reward_model(&tmp.path().join("rm"));
-    let flags = args(&[
+/// 6 PPO steps on the tiny model (batches of 4), a checkpoint every 2.
+fn ppo_flags(tmp: &Path) -> Vec<String> {
+    let rm = reward_model(&tmp.join("rm"));
+    args(&[
         "--model-name-or-path",
         &path(&fixtures().join("tiny-gpt2")),
         "--reward-model-path",
@@ -262,8 +313,43 @@ fn a_killed_ppo_run_resumes_to_the_uninterrupted_result() {
         "--seed",
         "3",
         "--quiet",
-    ]);
-    killed_and_resumed_equals_uninterrupted("ppo", &flags, tmp.path(), 1500);
+    ])
+}
+
+#[test]
+fn a_killed_sft_run_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    killed_and_resumed_equals_uninterrupted("sft", &sft_flags(tmp.path()), tmp.path(), 1500);
+}
+
+#[test]
+fn a_killed_reward_run_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    killed_and_resumed_equals_uninterrupted("reward", &reward_flags(tmp.path()), tmp.path(), 1000);
+}
+
+#[test]
+fn a_killed_ppo_run_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    killed_and_resumed_equals_uninterrupted("ppo", &ppo_flags(tmp.path()), tmp.path(), 1500);
+}
+
+#[test]
+fn a_ctrl_c_sft_run_saves_a_checkpoint_and_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    stopped_by_signal_and_resumed_equals_uninterrupted("sft", &sft_flags(tmp.path()), tmp.path(), "INT");
+}
+
+#[test]
+fn a_ctrl_c_reward_run_saves_a_checkpoint_and_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    stopped_by_signal_and_resumed_equals_uninterrupted("reward", &reward_flags(tmp.path()), tmp.path(), "INT");
+}
+
+#[test]
+fn a_sigterm_ppo_run_saves_a_checkpoint_and_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    stopped_by_signal_and_resumed_equals_uninterrupted("ppo", &ppo_flags(tmp.path()), tmp.path(), "TERM");
 }
 
 #[test]
@@ -419,4 +505,57 @@ fn an_io_error_names_its_cause_once() {
         assert!(!o.status.success(), "{err}");
         assert_eq!(err.matches(cause).count(), 1, "{err}");
     }
+}
+
+#[test]
+fn resuming_with_other_training_flags_is_refused_listing_each_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pairs(8, &tmp.path().join("pairs.jsonl"));
+    let run = tmp.path().join("run");
+    let flags = args(&[
+        "--model-name-or-path",
+        &path(&fixtures().join("tiny-gpt2")),
+        "--train-file",
+        &path(&data),
+        "--per-device-train-batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--quiet",
+    ]);
+    run_ok(rlhf("reward", &flags, &run, &[]));
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let resume = ["--resume-from-checkpoint", "latest"];
+    let o = output(rlhf(
+        "reward",
+        &flags,
+        &run,
+        &[&resume[..], &["--learning-rate", "2e-3", "--seed", "9"]].concat(),
+    ));
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    for part in [
+        format!("{}: cannot resume: 2 setting(s) differ", path(&run.join("config.toml"))),
+        "learning_rate: 0.001 (saved) → 0.002 (now)".into(),
+        "seed: 42 (saved) → 9 (now)".into(),
+        "--overwrite-output-dir".into(),
+    ] {
+        assert!(err.contains(&part), "{part}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        before,
+        "refused resume changed the run"
+    );
+    // Cadence and quietness may change: they leave the weights alone.
+    run_ok(rlhf(
+        "reward",
+        &flags,
+        &run,
+        &[&resume[..], &["--save-steps", "5", "--logging-steps", "2"]].concat(),
+    ));
 }

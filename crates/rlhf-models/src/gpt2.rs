@@ -176,7 +176,10 @@ impl Gpt2 {
         };
         let wte = p(w, "wte.weight", &[v, h])?;
         let wpe = p(w, "wpe.weight", &[cfg.n_positions, h])?;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        // `n_layer` comes from config.json: grow with the blocks the file actually holds
+        // instead of reserving `n_layer` up front (a huge value would abort the allocation
+        // before the first missing tensor is reported).
+        let mut blocks = Vec::new();
         for i in 0..cfg.n_layer {
             let pre = format!("h.{i}");
             blocks.push(Block {

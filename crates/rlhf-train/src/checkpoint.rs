@@ -107,6 +107,20 @@ impl RunDir {
         out
     }
 
+    /// The `config.toml` a run resumed from `ckpt` was started with: this directory's, or
+    /// that of the checkpoint's own run directory; `None` when neither has one.
+    pub fn saved_config(&self, ckpt: &Path) -> Option<PathBuf> {
+        let here = self.root.join("config.toml");
+        let beside = ckpt.parent().map(|run| run.join("config.toml"));
+        std::iter::once(here).chain(beside).find(|p| p.is_file())
+    }
+
+    /// `checkpoint-<step>/` if it is complete.
+    pub fn complete_checkpoint(&self, step: u64) -> Option<PathBuf> {
+        let dir = self.root.join(format!("checkpoint-{step}"));
+        dir.join("trainer_state.json").is_file().then_some(dir)
+    }
+
     /// Resolves `--resume-from-checkpoint`: `latest` or a path.
     pub fn resolve_checkpoint(&self, spec: &str) -> Result<PathBuf> {
         if spec == "latest" {

@@ -4,6 +4,7 @@
 //! (`--learning-rate 1e-4`), flags overriding the file. Unknown keys are errors naming the
 //! closest known key; values of the wrong type name the key.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -119,6 +120,45 @@ pub fn resolve<T: Serialize + DeserializeOwned + Default>(values: &Map<String, V
     })
 }
 
+/// Where each key of a config was set, for messages: a `--config` file or `flags` (a flag
+/// overrides the file). Keys left at their default have no source.
+#[derive(Clone, Debug, Default)]
+pub struct KeySources(BTreeMap<String, String>);
+
+impl KeySources {
+    /// The keys of `file` (a `--config` path and its table), then those of `flags`.
+    pub fn new(file: Option<(&Path, &Map<String, Value>)>, flags: &Map<String, Value>) -> Self {
+        let mut by_key = BTreeMap::new();
+        if let Some((path, table)) = file {
+            for key in table.keys() {
+                by_key.insert(key.clone(), path.display().to_string());
+            }
+        }
+        for key in flags.keys() {
+            by_key.insert(key.clone(), "flags".to_string());
+        }
+        Self(by_key)
+    }
+
+    /// Where `key` was set: the file's path or `flags`; `None` for a default.
+    pub fn of(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// `e`, naming where its key was set when it is a [`TrainError::Setting`] (a range error
+    /// found by a config's `validate`), e.g. `reward.toml: config key `learning_rate`: ...`.
+    pub fn name(&self, e: TrainError) -> TrainError {
+        match e {
+            TrainError::Setting { key, msg, origin: None } => TrainError::Setting {
+                origin: self.of(&key).map(String::from),
+                key,
+                msg,
+            },
+            e => e,
+        }
+    }
+}
+
 /// The known key closest to `key` by edit distance, if any is reasonably close.
 pub fn closest<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     known
@@ -141,6 +181,75 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Keys that leave the trained weights alone: where the run writes, how often it logs,
+/// evaluates and saves, what it evaluates on, and how it resumes. Every other key must keep
+/// its value when a run is resumed ([`check_resume`]).
+pub const RESUME_FREE_KEYS: &[&str] = &[
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "quiet",
+    "logging_steps",
+    "log_samples",
+    "eval_strategy",
+    "eval_steps",
+    "eval_file",
+    "per_device_eval_batch_size",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+];
+
+/// Refuses to resume a run under settings that change its training: compares `cfg` key by
+/// key with the config the run was started with (`saved`, its `config.toml`), skipping
+/// [`RESUME_FREE_KEYS`]. The error lists every differing key with the saved and the new
+/// value. Paths that name the same file count as equal, and so does an empty
+/// `model_name_or_path` (resuming takes the model from the checkpoint).
+pub fn check_resume<T: Serialize>(cfg: &T, saved: &Path) -> Result<()> {
+    let old = read_toml(saved)?;
+    let Value::Object(new) = serde_json::to_value(cfg).map_err(|e| TrainError::Config(e.to_string()))? else {
+        return Err(TrainError::Config("config is not a table".into()));
+    };
+    let show = |v: &Value| match v {
+        Value::Null => "unset".to_string(),
+        v => v.to_string(),
+    };
+    let diffs: Vec<String> = new
+        .iter()
+        .filter(|(key, _)| !RESUME_FREE_KEYS.contains(&key.as_str()))
+        .filter_map(|(key, now)| {
+            let was = old.get(key).unwrap_or(&Value::Null);
+            (!same_setting(key, was, now)).then(|| format!("  {key}: {} (saved) → {} (now)", show(was), show(now)))
+        })
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "{}: cannot resume: {} setting(s) differ from the run's, so it would continue as a different run:\n{}\n\
+         hint: resume with the run's values (listed in this file), or start over: drop \
+         --resume-from-checkpoint and pass --overwrite-output-dir (or choose another --output-dir)",
+        saved.display(),
+        diffs.len(),
+        diffs.join("\n")
+    )))
+}
+
+/// Whether a saved and a new value of `key` configure the same training.
+fn same_setting(key: &str, was: &Value, now: &Value) -> bool {
+    match (was, now) {
+        (Value::Number(a), Value::Number(b)) => a == b || a.as_f64() == b.as_f64(),
+        (Value::String(a), Value::String(b)) if a != b => {
+            let same_file = match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            same_file || (key == "model_name_or_path" && (a.is_empty() || b.is_empty()))
+        }
+        _ => was == now,
+    }
+}
+
 /// Writes a resolved config as TOML (keys sorted; unset options omitted).
 pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
     let v = serde_json::to_value(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -153,6 +262,8 @@ pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
@@ -210,6 +321,75 @@ mod tests {
             err.contains("unknown config key `learnin_rate`") && err.contains("did you mean `learning_rate`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_range_error_names_the_file_or_the_flags_that_set_its_key() {
+        let file = parse_flags(&args("--learning-rate -1 --max-steps 0")).unwrap();
+        let flags = parse_flags(&args("--max-steps -2")).unwrap();
+        let sources = KeySources::new(Some((Path::new("reward.toml"), &file)), &flags);
+        let named = |key: &str| sources.name(TrainError::setting(key, "must be at least 1")).to_string();
+        assert_eq!(
+            named("learning_rate"),
+            "reward.toml: config key `learning_rate`: must be at least 1"
+        );
+        assert_eq!(named("max_steps"), "flags: config key `max_steps`: must be at least 1");
+        assert_eq!(named("seed"), "config key `seed`: must be at least 1");
+        let other = sources.name(TrainError::Config("x".into()));
+        assert!(matches!(other, TrainError::Config(m) if m == "x"));
+    }
+
+    #[test]
+    fn resuming_with_other_training_settings_lists_each_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let saved = tmp.path().join("config.toml");
+        let started = Demo {
+            max_length: Some(64),
+            ..Demo::default()
+        };
+        std::fs::write(&saved, to_toml(&started).unwrap()).unwrap();
+        // Output paths may change; a path spelled another way names the same file.
+        std::fs::write(tmp.path().join("x.jsonl"), "").unwrap();
+        let (a, b) = (tmp.path().join("x.jsonl"), tmp.path().join(".").join("x.jsonl"));
+        assert!(same_setting(
+            "train_file",
+            &json!(a.display().to_string()),
+            &json!(b.display().to_string())
+        ));
+        assert!(!same_setting("train_file", &json!("a.jsonl"), &json!("b.jsonl")));
+        let elsewhere = Demo {
+            output_dir: "other".into(),
+            ..Demo::default()
+        };
+        assert!(check_resume(
+            &Demo {
+                max_length: Some(64),
+                ..elsewhere
+            },
+            &saved
+        )
+        .is_ok());
+        let changed = Demo {
+            learning_rate: 3e-4,
+            disable_dropout: false,
+            max_length: None,
+            ..Demo::default()
+        };
+        let err = check_resume(&changed, &saved).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: cannot resume: 3 setting(s) differ", saved.display())),
+            "{err}"
+        );
+        for line in [
+            "learning_rate: 0.0001 (saved) → 0.0003 (now)",
+            "disable_dropout: true (saved) → false (now)",
+            "max_length: 64 (saved) → unset (now)",
+            "hint:",
+            "--overwrite-output-dir",
+        ] {
+            assert!(err.contains(line), "{line}: {err}");
+        }
+        assert!(!err.contains("output_dir:"), "{err}");
     }
 
     #[test]

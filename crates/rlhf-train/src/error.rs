@@ -34,12 +34,33 @@ pub enum TrainError {
     /// A checkpoint is incomplete or does not match the run.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    /// A configuration value is unknown, of the wrong type, or out of range.
+    /// A configuration value is unknown or of the wrong type, or a config is incomplete.
     #[error("{0}")]
     Config(String),
+    /// A config key's value is out of range or conflicts with another key's.
+    #[error("{}config key `{key}`: {msg}", origin.as_ref().map_or(String::new(), |o| format!("{o}: ")))]
+    Setting {
+        /// The key.
+        key: String,
+        /// What is wrong and how to fix it.
+        msg: String,
+        /// Where the value was set (a `--config` file, or `flags`), when known
+        /// ([`crate::config::KeySources`]).
+        origin: Option<String>,
+    },
     /// Training diverged (NaN or infinite loss, reward or gradient).
     #[error("{0}")]
     Diverged(String),
+    /// Training stopped on request (Ctrl-C, SIGTERM) between optimizer steps.
+    #[error("{msg}")]
+    Interrupted {
+        /// What asked for the stop (e.g. `SIGINT`).
+        reason: String,
+        /// The checkpoint holding the last completed step (`None` before the first step).
+        checkpoint: Option<PathBuf>,
+        /// The step, the checkpoint and how to resume.
+        msg: String,
+    },
     /// A model error.
     #[error(transparent)]
     Model(#[from] rlhf_models::ModelError),
@@ -49,6 +70,17 @@ pub enum TrainError {
     /// A tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl TrainError {
+    /// The [`TrainError::Setting`] of `key` (its origin is added by the caller that knows it).
+    pub fn setting(key: &str, msg: impl Into<String>) -> Self {
+        Self::Setting {
+            key: key.to_string(),
+            msg: msg.into(),
+            origin: None,
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -15,6 +15,7 @@ pub mod ppo_run;
 pub mod reward;
 pub mod score;
 pub mod sft;
+pub mod stop;
 pub mod synth;
 pub mod trainer;
 
@@ -22,3 +23,4 @@ pub use error::{Result, TrainError};
 pub use rlhf_models as models;
 pub use rlhf_ops as ops;
 pub use rlhf_peft as peft;
+pub use stop::StopSignal;

@@ -105,7 +105,7 @@ impl PpoConfig {
 
     /// Checks every field and combination, saying what is wrong and how to fix it.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, msg: String| Err(TrainError::Config(format!("config key `{k}`: {msg}")));
+        let bad = |k: &str, msg: String| Err(TrainError::setting(k, msg));
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad(
                 "learning_rate",

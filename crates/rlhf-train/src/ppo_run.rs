@@ -14,6 +14,7 @@ use crate::peft_args::{load_trainable, save_trained, PeftArgs};
 use crate::ppo::{log_stats, PpoState, PpoTrainer};
 use crate::ppo_config::PpoConfig;
 use crate::score::reward_tokens;
+use crate::stop::StopSignal;
 use crate::trainer::permutation;
 
 /// Settings of `rlhf ppo`: TRL's `PPOConfig` plus paths, generation and run cadence.
@@ -115,15 +116,22 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 /// Runs PPO as TRL's example scripts do.
 pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
+    train_until(cfg, &StopSignal::new())
+}
+
+/// [`train`], stopping between PPO steps once `stop` is requested: the last completed step is
+/// saved as a checkpoint and the error is [`TrainError::Interrupted`].
+pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> {
     // 1. config, run directory, models
     cfg.ppo.validate()?;
+    let sampler = length_sampler(cfg)?;
     for (k, v) in [
         ("model_name_or_path", &cfg.model_name_or_path),
         ("reward_model_path", &cfg.reward_model_path),
         ("train_file", &cfg.train_file),
     ] {
         if v.is_empty() && !(k == "model_name_or_path" && cfg.resume_from_checkpoint.is_some()) {
-            return Err(TrainError::Config(format!("config key `{k}`: required")));
+            return Err(TrainError::setting(k, "required"));
         }
     }
     let run = RunDir::prepare(
@@ -136,6 +144,9 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
         .as_deref()
         .map(|s| run.resolve_checkpoint(s))
         .transpose()?;
+    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
+        crate::config::check_resume(cfg, &saved)?;
+    }
     let opts = LoadOptions::default();
     let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
     if reward_model.score_head.is_none() {
@@ -172,7 +183,13 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
     if prompts.len() < bs {
         return Err(TrainError::Data {
             path: PathBuf::from(&cfg.train_file),
-            msg: format!("{} usable prompts, fewer than batch_size ({bs})", prompts.len()),
+            msg: format!(
+                "{} usable prompt{}, fewer than batch_size ({bs}); a prompt is usable when it is not empty and \
+                 leaves room for {max_new} new tokens within n_positions ({n_pos})\n\
+                 hint: add prompts, lower batch_size, or lower max_new_tokens / output_max_length",
+                prompts.len(),
+                if prompts.len() == 1 { "" } else { "s" }
+            ),
         });
     }
     let gen = GenerationConfig {
@@ -184,15 +201,6 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
         top_p: cfg.top_p,
         eos_token_id: Some(tok.eos_token_id),
         pad_token_id: tok.pad_token_id,
-    };
-    let sampler = match (cfg.output_min_length, cfg.output_max_length) {
-        (Some(lo), Some(hi)) if hi > lo => Some((lo, hi)),
-        (None, None) => None,
-        _ => {
-            return Err(TrainError::Config(
-                "output_min_length must be below output_max_length (both set)".into(),
-            ))
-        }
     };
     let mut gen_rng = RngStream::new(cfg.ppo.seed.wrapping_add(2));
     if let Some(ckpt) = &resume {
@@ -235,6 +243,11 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
     let mut reward_means = Vec::new();
     let mut last_ckpt: Option<PathBuf> = resume.clone();
     while trainer.current_step < total {
+        if stop.requested().is_some() {
+            progress.finish_and_clear();
+        }
+        let save = || save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit);
+        crate::stop::stop_if_requested(stop, &run, trainer.current_step, total, save)?;
         let s = trainer.current_step;
         let perm = permutation(prompts.len(), cfg.ppo.seed.wrapping_add(s / per_epoch));
         let start = (s % per_epoch) as usize * bs;
@@ -270,18 +283,7 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
             say(table);
         }
         if cfg.save_steps > 0 && trainer.current_step % cfg.save_steps == 0 && trainer.current_step < total {
-            let state = RunState {
-                ppo: trainer.state(),
-                generation: (gen_rng.seed, gen_rng.counter),
-            };
-            let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-            let opt = trainer.optimizer_state()?;
-            let model = &trainer.model;
-            last_ckpt = Some(run.save_checkpoint(trainer.current_step, cfg.save_total_limit, |tmp| {
-                save_trained(model, tmp)?;
-                save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
-                write_atomic(&tmp.join("trainer_state.json"), &bytes)
-            })?);
+            last_ckpt = Some(save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit)?);
         }
     }
     progress.finish_and_clear();
@@ -290,6 +292,38 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
         model: trainer.model,
         final_dir,
         reward_means,
+    })
+}
+
+/// The length sampler `[output_min_length, output_max_length)` for `max_new_tokens`, if set.
+fn length_sampler(cfg: &PpoRunConfig) -> Result<Option<(usize, usize)>> {
+    match (cfg.output_min_length, cfg.output_max_length) {
+        (Some(lo), Some(hi)) if hi > lo => Ok(Some((lo, hi))),
+        (None, None) => Ok(None),
+        (Some(lo), Some(hi)) => Err(TrainError::setting(
+            "output_min_length",
+            format!("({lo}) must be below output_max_length ({hi})"),
+        )),
+        _ => Err(TrainError::setting(
+            "output_min_length",
+            "the length sampler needs both output_min_length and output_max_length; set both or neither",
+        )),
+    }
+}
+
+/// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments, the trainer's
+/// state and the position of the generation stream.
+fn save_checkpoint(run: &RunDir, trainer: &PpoTrainer, gen_rng: &RngStream, limit: Option<usize>) -> Result<PathBuf> {
+    let state = RunState {
+        ppo: trainer.state(),
+        generation: (gen_rng.seed, gen_rng.counter),
+    };
+    let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let opt = trainer.optimizer_state()?;
+    run.save_checkpoint(trainer.current_step, limit, |tmp| {
+        save_trained(&trainer.model, tmp)?;
+        save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
+        write_atomic(&tmp.join("trainer_state.json"), &bytes)
     })
 }
 

@@ -25,6 +25,7 @@ use crate::error::{Result, TrainError};
 use crate::optim::Grads;
 use crate::peft_args::PeftArgs;
 use crate::score::reward_tokens;
+use crate::stop::StopSignal;
 use crate::trainer::{open_run, trainable_params, DataPaths, TrainLoop, TrainingArgs};
 
 /// `RewardConfig`: TRL's names; defaults of TRL 1.x (see the module docs for deviations).
@@ -210,6 +211,12 @@ pub struct RewardOutcome {
 
 /// Trains a reward model as `RewardTrainer.train()` does.
 pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
+    train_until(cfg, &StopSignal::new())
+}
+
+/// [`train`], stopping between optimizer steps once `stop` is requested: the last completed
+/// step is saved as a checkpoint and the error is [`TrainError::Interrupted`].
+pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcome> {
     // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "SEQ_CLS", |m| {
@@ -256,6 +263,7 @@ pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
     let ga = args.gradient_accumulation_steps as f64;
     let mut eval = None;
     while !lp.done() {
+        lp.stop_if_requested(&model, stop)?;
         let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());

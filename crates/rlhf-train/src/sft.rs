@@ -25,6 +25,7 @@ use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
 use crate::peft_args::PeftArgs;
+use crate::stop::StopSignal;
 use crate::trainer::{open_run, trainable_params, DataPaths, TrainLoop, TrainingArgs};
 
 /// `SFTConfig`: TRL's names and 1.x defaults (deviations in the module docs).
@@ -187,6 +188,12 @@ pub struct SftOutcome {
 
 /// Fine-tunes a causal LM as `SFTTrainer.train()` does.
 pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
+    train_until(cfg, &StopSignal::new())
+}
+
+/// [`train`], stopping between optimizer steps once `stop` is requested: the last completed
+/// step is saved as a checkpoint and the error is [`TrainError::Interrupted`].
+pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
     // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "CAUSAL_LM", |m| {
@@ -229,6 +236,7 @@ pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
     let dropout = !args.disable_dropout;
     let mut eval = None;
     while !lp.done() {
+        lp.stop_if_requested(&model, stop)?;
         let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());

@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamConfig, AdamW, Grads, LinearSchedule};
+use crate::stop::StopSignal;
 
 /// transformers `TrainingArguments` fields shared by the SFT and reward trainers (same
 /// names; defaults set by each trainer's config).
@@ -111,7 +112,7 @@ impl Default for TrainingArgs {
 impl TrainingArgs {
     /// Checks ranges and names, saying which key is wrong and how to fix it.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, msg: String| Err(TrainError::Config(format!("config key `{k}`: {msg}")));
+        let bad = |k: &str, msg: String| Err(TrainError::setting(k, msg));
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad(
                 "learning_rate",
@@ -423,6 +424,18 @@ impl TrainLoop {
         Ok(dir)
     }
 
+    /// When `stop` was requested: closes the progress bar, saves `checkpoint-<step>/` of the
+    /// last completed step (unless it is there already) and returns
+    /// [`TrainError::Interrupted`] naming it. Call between optimizer steps only.
+    pub fn stop_if_requested(&mut self, model: &Model, stop: &StopSignal) -> Result<()> {
+        if stop.requested().is_none() {
+            return Ok(());
+        }
+        self.progress.finish_and_clear();
+        let (run, step, total) = (self.run.clone(), self.state.global_step, self.total_steps);
+        crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint(model))
+    }
+
     /// Restores optimizer and loop state from a checkpoint (the model's weights must already
     /// come from the same checkpoint) and drops metrics logged after it.
     pub fn resume(&mut self, ckpt: &Path) -> Result<()> {
@@ -510,9 +523,10 @@ impl DataPaths {
 }
 
 /// Stage 1 of the SFT and reward trainers: validates the settings, prepares the run
-/// directory, resolves the checkpoint to resume from, loads the trainable model (see
-/// [`crate::peft_args::load_trainable`]; `prepare` runs on the loaded base) and writes the
-/// resolved config.
+/// directory, resolves the checkpoint to resume from (refusing settings that differ from the
+/// run's saved config in a key that changes training, [`crate::config::check_resume`]),
+/// loads the trainable model (see [`crate::peft_args::load_trainable`]; `prepare` runs on
+/// the loaded base) and writes the resolved config.
 pub fn open_run<C: serde::Serialize>(
     cfg: &C,
     args: &TrainingArgs,
@@ -532,9 +546,13 @@ pub fn open_run<C: serde::Serialize>(
         .as_deref()
         .map(|s| run.resolve_checkpoint(s))
         .transpose()?;
+    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
+        crate::config::check_resume(cfg, &saved)?;
+    }
     if model_name_or_path.is_empty() && resume.is_none() {
-        return Err(TrainError::Config(
-            "config key `model_name_or_path`: required (a GPT-2 model directory)".into(),
+        return Err(TrainError::setting(
+            "model_name_or_path",
+            "required (a GPT-2 model directory)",
         ));
     }
     let model = crate::peft_args::load_trainable(

@@ -151,10 +151,7 @@ fn read_everything(dir: &Path, name: &str, bytes: &[u8]) -> TestResult {
     type Reader = fn(&Path) -> rlhf_train::Result<Rows>;
     let readers: [Reader; 5] = [read_data, read_jsonl, read_csv, read_tsv, read_parquet];
     for read in readers {
-        let Some(result) = unless_known_panic(|| read(&path))? else {
-            continue;
-        };
-        match result {
+        match no_panic(|| read(&path))? {
             Ok(rows) => {
                 prop_assert!(!rows.is_empty(), "a reader returned no rows without an error");
                 exercise(&rows)?;
@@ -162,33 +159,22 @@ fn read_everything(dir: &Path, name: &str, bytes: &[u8]) -> TestResult {
             Err(e) => names_file(&e, &path, max_row)?,
         }
     }
-    if let Some(Err(e)) = unless_known_panic(|| read_prompts(&path))? {
+    if let Err(e) = no_panic(|| read_prompts(&path))? {
         names_file(&e, &path, max_row)?;
     }
     Ok(())
 }
 
-/// Panics of the parquet crate that `read_parquet` does not guard against yet, each pinned
-/// by an ignored test below; any other panic fails the property.
-const KNOWN_PANICS: &[&str] = &["column start and length should not be negative"];
-
-/// `f()`, or `None` if it panicked with a [`KNOWN_PANICS`] message.
-fn unless_known_panic<T>(f: impl FnOnce() -> T) -> Result<Option<T>, TestCaseError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(v) => Ok(Some(v)),
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            if KNOWN_PANICS.iter().any(|k| msg.contains(k)) {
-                Ok(None)
-            } else {
-                Err(TestCaseError::fail(format!("panicked: {msg}")))
-            }
-        }
-    }
+/// `f()`, or a failed case naming the panic's message.
+fn no_panic<T>(f: impl FnOnce() -> T) -> Result<T, TestCaseError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        TestCaseError::fail(format!("panicked: {msg}"))
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -757,8 +743,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------
-// Bugs found by the properties above, pinned as inputs (ignored until fixed; see the report
-// in docs/reliability.md).
+// Bugs found by the properties above, kept as inputs (docs/reliability.md).
 
 /// Fixed bug (crates/rlhf-train/src/config.rs, `parse_flags` → `literal`): a flag value was read as
 /// a TOML literal whatever the key's type, so a text key given text that looks like a number
@@ -818,15 +803,12 @@ fn a_margin_beyond_f32_is_an_error_naming_the_row() {
     }
 }
 
-/// BUG (crates/rlhf-train/src/data/parquet_file.rs, `read_parquet`, the `for batch in reader`
-/// loop): a Parquet file whose column-chunk metadata holds a negative page offset or size
-/// panics inside the parquet crate (`ColumnChunkMetaData::byte_range`: "column start and
-/// length should not be negative", parquet 60.1.0 src/file/metadata/mod.rs:1043) instead of
-/// the "cannot read Parquet ... may be truncated" error. One flipped byte of a valid file
-/// does it. Fix: check every column chunk's offsets against the file length from
-/// `builder.metadata()` before `build()` (or catch the panic around the reader).
+/// Fixed bug (crates/rlhf-train/src/data/parquet_file.rs, `read_parquet`): a Parquet file
+/// whose column-chunk metadata holds a negative page offset or size panicked inside the
+/// parquet crate (`ColumnChunkMetaData::byte_range`: "column start and length should not be
+/// negative") instead of an error naming the file. One flipped byte of a valid file does it;
+/// the footer's column chunks are now checked against the file before reading.
 #[test]
-#[ignore = "bug: corrupt Parquet metadata panics in the parquet crate (parquet_file.rs, read_parquet)"]
 fn a_parquet_file_with_a_negative_column_offset_is_an_error() {
     let mut data = parquet_bytes(Compression::UNCOMPRESSED);
     apply(&mut data, &Mutation::Set(0.449836836902488, 155));
@@ -835,7 +817,10 @@ fn a_parquet_file_with_a_negative_column_offset_is_an_error() {
     std::fs::write(&path, &data).unwrap();
     let result = std::panic::catch_unwind(|| read_parquet(&path).map(|r| r.len()).map_err(|e| e.to_string()));
     match result {
-        Ok(Err(msg)) => assert!(msg.contains("d.parquet: cannot read Parquet"), "{msg}"),
+        Ok(Err(msg)) => assert!(
+            msg.contains("d.parquet: cannot read Parquet: the file is corrupt") && msg.contains("hint:"),
+            "{msg}"
+        ),
         Ok(Ok(n)) => panic!("read {n} rows from a corrupt file"),
         Err(_) => panic!("read_parquet panicked"),
     }

@@ -150,8 +150,18 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
         match s {
             SavedModule::Score if m.score_head.is_none() => {
                 let ws = need(&t, "score.weight", &wpath)?;
-                check_shape(&wpath, "score.weight", ws, &[ws.dims()[0].max(1), h])?;
-                m.gpt2.cfg.num_labels = ws.dims()[0];
+                let num_labels = match ws.dims() {
+                    &[n, cols] if n > 0 && cols == h => n,
+                    dims => {
+                        return Err(adapter_err(
+                            &wpath,
+                            format!(
+                                "tensor `{PEFT_PREFIX}score.weight` has shape {dims:?}, but this model needs [num_labels, {h}] with num_labels >= 1 (H = {h} from the model)\nhint: the adapter was trained on a different base model, or re-save it from a reward model"
+                            ),
+                        ))
+                    }
+                };
+                m.gpt2.cfg.num_labels = num_labels;
                 m.score_head = Some(ScoreHead {
                     weight: Param::frozen(ws.clone()),
                 });
@@ -163,6 +173,10 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
             SavedModule::ValueHead if m.value_head.is_none() => {
                 let wv = need(&t, "v_head.summary.weight", &wpath)?.clone();
                 let bv = need(&t, "v_head.summary.bias", &wpath)?.clone();
+                // The later shape check compares the head with itself when it came from the
+                // file, so check it against the model here.
+                check_shape(&wpath, "v_head.summary.weight", &wv, &[1, h])?;
+                check_shape(&wpath, "v_head.summary.bias", &bv, &[1])?;
                 let dropout = m.cfg().summary_dropout_prob;
                 m.value_head = Some(ValueHead {
                     weight: Param::frozen(wv),
@@ -173,34 +187,29 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
             _ => {}
         }
     }
+    // Every factor is checked against `r` and the model before `apply_lora` allocates
+    // `r × in` factors: `r` comes from the file, and a huge one must be a shape error, not
+    // an aborted allocation.
+    for (name, proj) in m.gpt2.projections() {
+        let module = format!("transformer.{name}");
+        if cfg.is_target(&module) {
+            for f in factors(&cfg, &module, proj.shape()) {
+                f.check(&t, &wpath)?;
+            }
+        }
+    }
     apply_lora(&mut m, &cfg, 0).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
     let keep = cfg.reference_bias == ReferenceBias::Original;
-    let (r, cfg_base) = (cfg.r, cfg.base_model_name_or_path.clone().unwrap_or_default());
     for (name, proj) in m.gpt2.projections_mut() {
-        let (i, o) = proj.shape();
+        let shape = proj.shape();
         let Proj::Lora(l) = proj else { continue };
         let module = format!("transformer.{name}");
-        for (suffix, p, shape) in [
-            ("lora_A.weight", &mut l.lora_a, [r, i]),
-            ("lora_B.weight", &mut l.lora_b, [o, r]),
-        ] {
-            let key = format!("{module}.{suffix}");
-            let v = t.remove(&key).ok_or_else(|| {
-                adapter_err(
-                    &wpath,
-                    format!("`{PEFT_PREFIX}{key}` is missing, but target_modules selects `{module}`\nhint: the adapter is incomplete or its config does not belong to it"),
-                )
-            })?;
-            if v.dims() != shape {
-                return Err(adapter_err(
-                    &wpath,
-                    format!(
-                        "tensor `{PEFT_PREFIX}{key}` has shape {:?}, but this model needs {shape:?} (r = {r} from {ADAPTER_CONFIG}; in = {i}, out = {o} from the model)\nhint: the adapter was trained on a different base model (base_model_name_or_path: `{cfg_base}`)",
-                        v.dims()
-                    ),
-                ));
+        let [fa, fb] = factors(&cfg, &module, shape);
+        for (f, p) in [(fa, &mut l.lora_a), (fb, &mut l.lora_b)] {
+            f.check(&t, &wpath)?;
+            if let Some(v) = t.remove(&f.key) {
+                p.assign(&v)?;
             }
-            p.assign(&v)?;
         }
         // PEFT >= 0.14 writes the targeted bias as `M.base_layer.bias`; 0.13 as `M.bias`.
         let bias = t
@@ -255,6 +264,53 @@ fn adapter_err(path: &Path, msg: String) -> ModelError {
     ModelError::Adapter {
         path: path.to_path_buf(),
         msg,
+    }
+}
+
+/// One LoRA factor a targeted module needs from the file: its key (without the PEFT
+/// prefix) and the shape `r` and the model give it.
+struct Factor<'a> {
+    key: String,
+    module: &'a str,
+    shape: [usize; 2],
+    cfg: &'a LoraConfig,
+    in_out: (usize, usize),
+}
+
+/// `lora_A.weight` `(r, in)` and `lora_B.weight` `(out, r)` of `module`.
+fn factors<'a>(cfg: &'a LoraConfig, module: &'a str, (i, o): (usize, usize)) -> [Factor<'a>; 2] {
+    let f = |suffix: &str, shape| Factor {
+        key: format!("{module}.{suffix}"),
+        module,
+        shape,
+        cfg,
+        in_out: (i, o),
+    };
+    [f("lora_A.weight", [cfg.r, i]), f("lora_B.weight", [o, cfg.r])]
+}
+
+impl Factor<'_> {
+    /// The factor is in the file, with its shape.
+    fn check(&self, t: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+        let (key, module, shape) = (&self.key, self.module, self.shape);
+        let v = t.get(key).ok_or_else(|| {
+            adapter_err(
+                path,
+                format!("`{PEFT_PREFIX}{key}` is missing, but target_modules selects `{module}`\nhint: the adapter is incomplete or its config does not belong to it"),
+            )
+        })?;
+        if v.dims() == shape {
+            return Ok(());
+        }
+        let ((i, o), r) = (self.in_out, self.cfg.r);
+        let base = self.cfg.base_model_name_or_path.as_deref().unwrap_or_default();
+        Err(adapter_err(
+            path,
+            format!(
+                "tensor `{PEFT_PREFIX}{key}` has shape {:?}, but this model needs {shape:?} (r = {r} from {ADAPTER_CONFIG}; in = {i}, out = {o} from the model)\nhint: the adapter was trained on a different base model (base_model_name_or_path: `{base}`), or `r` in {ADAPTER_CONFIG} does not match its tensors",
+                v.dims()
+            ),
+        ))
     }
 }
 

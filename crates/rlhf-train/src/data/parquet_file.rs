@@ -25,6 +25,7 @@ use arrow_array::types::{
 };
 use arrow_array::{Array, OffsetSizeTrait};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::metadata::ParquetMetaData;
 use serde_json::{Map, Number, Value};
 
 use super::{io_err, no_rows, Row, Rows};
@@ -36,12 +37,13 @@ use crate::error::{Result, TrainError};
 /// a hint; a file of zero bytes or zero rows is the "no rows" error of every format.
 pub fn read_parquet(path: &Path) -> Result<Rows> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
-    if file.metadata().map_err(io_err(path))?.len() == 0 {
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    if file_len == 0 {
         return Err(no_rows(path, ""));
     }
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|builder| builder.build())
-        .map_err(|e| unreadable(path, &e.to_string()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| unreadable(path, &e.to_string()))?;
+    check_column_chunks(path, builder.metadata(), file_len)?;
+    let reader = builder.build().map_err(|e| unreadable(path, &e.to_string()))?;
     let mut rows: Vec<Row> = Vec::new();
     let mut unsupported = BTreeSet::new();
     for batch in reader {
@@ -71,6 +73,34 @@ pub fn read_parquet(path: &Path) -> Result<Rows> {
         path: path.to_path_buf(),
         rows,
     })
+}
+
+/// Checks that every column chunk of the footer lies inside the file. The parquet crate
+/// asserts this while reading (`ColumnChunkMetaData::byte_range` panics on a negative offset
+/// or size), so a corrupt footer, e.g. one flipped byte, must be refused before.
+fn check_column_chunks(path: &Path, meta: &ParquetMetaData, file_len: u64) -> Result<()> {
+    for (g, group) in meta.row_groups().iter().enumerate() {
+        for column in group.columns() {
+            let (start, len) = (
+                column.dictionary_page_offset().unwrap_or(column.data_page_offset()),
+                column.compressed_size(),
+            );
+            let end = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|end| end > file_len) {
+                return Err(TrainError::Data {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "cannot read Parquet: the file is corrupt: column `{}` of row group {g} starts at byte {start} and is {len} bytes long, outside the file ({file_len} bytes); hint: the file was damaged or cut short; export or download it again",
+                        column.column_path().string()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The error of a file the Parquet reader rejects, with the likely fix.
