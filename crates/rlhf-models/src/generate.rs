@@ -240,28 +240,37 @@ pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -
             order.truncate(cut.max(1));
         }
     }
-    let candidates: Box<dyn Iterator<Item = u32>> = if needs_sort {
-        Box::new(order.iter().copied())
-    } else {
-        Box::new(0..n as u32)
-    };
-    let cands: Vec<u32> = candidates.collect();
-    let max = cands
+    if !needs_sort {
+        // Every token is a candidate: weights `e^(x − max)` in place, vectorised.
+        let max = rlhf_ops::simd::max_f32(logits);
+        let z = rlhf_ops::simd::exp_shift_in_place_f32(logits, max);
+        return draw(logits.iter().map(|&w| w as f64), z, rng, |k| k as u32);
+    }
+    let max = order
         .iter()
         .map(|&i| logits[i as usize])
         .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = cands.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
+    let weights: Vec<f64> = order.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
     let z: f64 = weights.iter().sum();
+    draw(weights.iter().copied(), z, rng, |k| order[k])
+}
+
+/// Inverse-CDF draw: the first candidate whose cumulative weight exceeds `u · z`, `u`
+/// uniform in `[0, 1)`; `id(k)` maps the `k`-th weight to its token.
+fn draw(weights: impl Iterator<Item = f64>, z: f64, rng: &mut RngStream, id: impl Fn(usize) -> u32) -> u32 {
     let mut u = rng.uniform_f64() * z;
-    for (k, w) in weights.iter().enumerate() {
-        if u < *w {
-            return cands[k];
+    let mut last = 0;
+    for (k, w) in weights.enumerate() {
+        if u < w {
+            return id(k);
         }
         u -= w;
+        if w > 0.0 {
+            last = k;
+        }
     }
     // Rounding left `u` just above the total: the last candidate with weight takes it.
-    let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
-    cands[last]
+    id(last)
 }
 
 #[cfg(test)]

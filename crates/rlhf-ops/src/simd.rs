@@ -97,6 +97,29 @@ dispatched! {
         = logprob_entropy_grad_f32_imp;
 }
 
+dispatched! {
+    /// `x ← e^(x − m)` in place; returns the sum (f32 lanes, summed in f64).
+    pub fn exp_shift_in_place_f32(x: &mut [f32], m: f32) -> f64 = exp_shift_in_place_f32_imp;
+}
+
+#[inline(always)]
+fn exp_shift_in_place_f32_imp(x: &mut [f32], m: f32) -> f64 {
+    let mut s = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_f32(c[i] - m);
+            s[i] += c[i];
+        }
+    }
+    let mut total: f64 = s.iter().map(|&v| v as f64).sum();
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - m);
+        total += *v as f64;
+    }
+    total
+}
+
 #[inline(always)]
 fn logprob_entropy_grad_f32_imp(x: &[f32], out: &mut [f32], lse: f32, mean_x: f32, g_lp: f32, g_h: f32) {
     for (o, &xj) in out.iter_mut().zip(x) {
@@ -187,5 +210,11 @@ mod tests {
         let sx_ref: f64 = x.iter().map(|&v| ((v - m) as f64).exp() * (v - m) as f64).sum();
         assert!((s - s_ref).abs() / s_ref < 1e-6);
         assert!((sx - sx_ref).abs() / sx_ref.abs() < 1e-6);
+        let mut y = x.clone();
+        let z = exp_shift_in_place_f32(&mut y, m);
+        assert!((z - s_ref).abs() / s_ref < 1e-6);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((*a as f64 - ((b - m) as f64).exp()).abs() < 1e-6);
+        }
     }
 }

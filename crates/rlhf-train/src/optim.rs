@@ -347,17 +347,21 @@ impl Grads {
                 continue;
             };
             let n = vars[i].elem_count();
+            if let SinkEntry::Dense { grad, .. } = &entry {
+                if grad.elem_count() != n {
+                    return Err(TrainError::Config(format!(
+                        "gradient of {n} values expected, the sink holds {}",
+                        grad.elem_count()
+                    )));
+                }
+                if self.sums[i].is_none() {
+                    self.sums[i] = Some(with_f32(grad, <[f32]>::to_vec)?);
+                    continue;
+                }
+            }
             let sum = self.sums[i].get_or_insert_with(|| vec![0.0; n]);
             match entry {
-                SinkEntry::Dense { grad, .. } => {
-                    if grad.elem_count() != n {
-                        return Err(TrainError::Config(format!(
-                            "gradient of {n} values expected, the sink holds {}",
-                            grad.elem_count()
-                        )));
-                    }
-                    with_f32(&grad, |g| add_into(sum, g))?
-                }
+                SinkEntry::Dense { grad, .. } => with_f32(&grad, |g| add_into(sum, g))?,
                 SinkEntry::Rows { rows, grad, .. } => {
                     let h = grad.dims().last().copied().unwrap_or(1);
                     with_f32(&grad, |g| -> Result<()> {
