@@ -412,6 +412,120 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
+// ---------------------------------------------------------------- bias add
+
+/// `y = x + b` with `b` broadcast over the rows of `x`, f32 only. The backward passes the
+/// gradient through to `x` untouched and sums it over rows for `b` in one vectorised pass
+/// (candle's broadcast backward reduces over the leading dimensions with a strided loop).
+///
+/// # Shapes
+/// `x`: `(.., N)`, `b`: `(N)` → `(.., N)`.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+struct BiasAdd;
+
+#[inline(always)]
+fn bias_add_rows_imp(x: &[f32], b: &[f32], y: &mut [f32]) {
+    let n = b.len();
+    for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        for i in 0..n {
+            y[i] = x[i] + b[i];
+        }
+    }
+}
+
+#[inline(always)]
+fn column_sums_imp(g: &[f32], acc: &mut [f32]) {
+    let n = acc.len();
+    for g in g.chunks_exact(n) {
+        for i in 0..n {
+            acc[i] += g[i];
+        }
+    }
+}
+
+dispatched! {
+    /// `y = x + b` row by row.
+    pub fn bias_add_rows(x: &[f32], b: &[f32], y: &mut [f32]) = bias_add_rows_imp;
+}
+
+dispatched! {
+    /// `acc += Σ_rows g`.
+    pub fn column_sums(g: &[f32], acc: &mut [f32]) = column_sums_imp;
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "fused-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, b) = (slice(s1, l1, "bias_add")?, slice(s2, l2, "bias_add")?);
+        let n = b.len();
+        if n == 0 || l1.dims().last() != Some(&n) {
+            candle_core::bail!("bias_add: x {:?} does not end in the bias size {n}", l1.dims())
+        }
+        let mut y = vec![0f32; x.len()];
+        let c = rows_per_task(n) * n;
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(y, x)| bias_add_rows(x, b, y));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = match b.track_op() {
+            true => Some(grad.contiguous()?.apply_op1_no_bwd(&ColumnSums { n: b.elem_count() })?),
+            false => None,
+        };
+        Ok((x.track_op().then(|| grad.clone()), db))
+    }
+}
+
+struct ColumnSums {
+    n: usize,
+}
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "fused-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, "bias_add")?;
+        let n = self.n.max(1);
+        let c = rows_per_task(n) * n;
+        // Per-task partial sums, added in task order (deterministic).
+        let partial: Vec<Vec<f32>> = g
+            .par_chunks(c)
+            .map(|g| {
+                let mut acc = vec![0f32; n];
+                column_sums(g, &mut acc);
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; n];
+        for p in partial {
+            out.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +586,19 @@ mod tests {
                 &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
                 &|t| layer_norm_composed(&t[0], &t[1], &t[2], 1e-5).unwrap(),
                 2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn bias_add_matches_broadcast_add() {
+        for (rows, n) in [(665, 384), (3, 5)] {
+            let inputs = [random(&[rows, n], 2.0, 6), random(&[n], 1.0, 7)];
+            check(
+                &inputs,
+                &|t| bias_add(&t[0], &t[1]).unwrap(),
+                &|t| t[0].broadcast_add(&t[1]).unwrap(),
+                1e-5,
             );
         }
     }

@@ -275,7 +275,14 @@ fn dequantized_t(w: QuantizedWeight, dtype: DType) -> Result<Tensor> {
 /// `y + b` with the bias the context asks for ([`Param::get_in`]).
 fn add_bias(y: Tensor, bias: Option<&Param>, ctx: &ProjCtx) -> Result<Tensor> {
     match bias {
-        Some(b) => y.broadcast_add(b.get_in(ctx.grad, ctx.adapters)),
+        Some(b) => {
+            let b = b.get_in(ctx.grad, ctx.adapters);
+            if rlhf_ops::kernels::applies(&[&y, b]) {
+                rlhf_ops::kernels::bias_add(&y, b)
+            } else {
+                y.broadcast_add(b)
+            }
+        }
         None => Ok(y),
     }
 }
