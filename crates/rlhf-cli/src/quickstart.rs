@@ -67,7 +67,8 @@ impl Plan {
                 ppo_steps: 30,
                 ppo_batch: 32,
                 ppo_mini_batch: 8,
-                ppo_lr: 3e-3,
+                // 3e-3 let some seeds learn ever shorter answers (reward hacking, KL > 30).
+                ppo_lr: 1.5e-3,
                 eval_prompts: 128,
             }
         } else {
