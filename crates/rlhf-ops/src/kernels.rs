@@ -31,6 +31,30 @@ fn rows_per_task(h: usize) -> usize {
     (CHUNK / h.max(1)).max(1)
 }
 
+/// `f(x_block, y_block)` over blocks of whole rows of `row` elements, in parallel, into a
+/// new output the size of `x` (`row` 1: element-wise).
+fn par_rows(x: &[f32], row: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let c = rows_per_task(row) * row.max(1);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| f(x, y));
+    y
+}
+
+/// [`par_rows`] over two aligned inputs.
+fn par_rows2(a: &[f32], b: &[f32], row: usize, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let c = rows_per_task(row) * row.max(1);
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(c)
+        .zip(a.par_chunks(c).zip(b.par_chunks(c)))
+        .for_each(|(y, (a, b))| f(a, b, y));
+    y
+}
+
+/// The length of the last dimension (rows of a row-wise kernel).
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
 // ---------------------------------------------------------------- layer norm
 
 /// `y = (x − mean) / sqrt(var + eps) · w + b` over the last dimension (biased variance),
@@ -146,11 +170,7 @@ impl CustomOp3 for LayerNorm {
                 l3.dims()
             )
         }
-        let mut y = vec![0f32; x.len()];
-        let n = rows_per_task(h) * h;
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(y, x)| ln_fwd_rows(x, w, b, self.eps, y));
+        let y = par_rows(x, h, |x, y| ln_fwd_rows(x, w, b, self.eps, y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -278,11 +298,7 @@ impl CustomOp1 for GeluTanh {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| gelu_fwd(x, y));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(par_rows(x, 1, gelu_fwd)), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -305,11 +321,7 @@ impl CustomOp2 for GeluTanhBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1, "gelu")?, slice(s2, l2, "gelu")?);
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| gelu_bwd(x, g, dx));
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(par_rows2(x, g, 1, gelu_bwd)), l1.shape().clone()))
     }
 }
 
@@ -373,12 +385,8 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "softmax")?;
-        let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
-        let c = rows_per_task(n) * n;
-        y.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(y, x)| softmax_rows(x, n, y));
+        let n = last_dim(l);
+        let y = par_rows(x, n, |x, y| softmax_rows(x, n, y));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -402,12 +410,8 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, g) = (slice(s1, l1, "softmax")?, slice(s2, l2, "softmax")?);
-        let n = l1.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; y.len()];
-        let c = rows_per_task(n) * n;
-        dx.par_chunks_mut(c)
-            .zip(y.par_chunks(c).zip(g.par_chunks(c)))
-            .for_each(|(dx, (y, g))| softmax_bwd_rows(y, g, n, dx));
+        let n = last_dim(l1);
+        let dx = par_rows2(y, g, n, |y, g, dx| softmax_bwd_rows(y, g, n, dx));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -473,11 +477,7 @@ impl CustomOp2 for BiasAdd {
         if n == 0 || l1.dims().last() != Some(&n) {
             candle_core::bail!("bias_add: x {:?} does not end in the bias size {n}", l1.dims())
         }
-        let mut y = vec![0f32; x.len()];
-        let c = rows_per_task(n) * n;
-        y.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(y, x)| bias_add_rows(x, b, y));
+        let y = par_rows(x, n, |x, y| bias_add_rows(x, b, y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

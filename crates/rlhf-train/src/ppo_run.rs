@@ -15,7 +15,7 @@ use crate::ppo::{log_stats, PpoState, PpoTrainer};
 use crate::ppo_config::PpoConfig;
 use crate::score::reward_tokens;
 use crate::stop::StopSignal;
-use crate::trainer::permutation;
+use crate::trainer::{permutation, prepare_run_dir};
 
 /// Settings of `rlhf ppo`: TRL's `PPOConfig` plus paths, generation and run cadence.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -134,19 +134,12 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
             return Err(TrainError::setting(k, "required"));
         }
     }
-    let run = RunDir::prepare(
-        Path::new(&cfg.output_dir),
+    let (run, resume) = prepare_run_dir(
+        cfg,
+        &cfg.output_dir,
         cfg.overwrite_output_dir,
-        cfg.resume_from_checkpoint.is_some(),
+        cfg.resume_from_checkpoint.as_deref(),
     )?;
-    let resume = cfg
-        .resume_from_checkpoint
-        .as_deref()
-        .map(|s| run.resolve_checkpoint(s))
-        .transpose()?;
-    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
-        crate::config::check_resume(cfg, &saved)?;
-    }
     let opts = LoadOptions::default();
     let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
     if reward_model.score_head.is_none() {

@@ -536,19 +536,12 @@ pub fn open_run<C: serde::Serialize>(
     prepare: impl FnOnce(&mut Model) -> Result<()>,
 ) -> Result<(RunDir, Option<PathBuf>, Model)> {
     args.validate()?;
-    let run = RunDir::prepare(
-        Path::new(&args.output_dir),
+    let (run, resume) = prepare_run_dir(
+        cfg,
+        &args.output_dir,
         args.overwrite_output_dir,
-        args.resume_from_checkpoint.is_some(),
+        args.resume_from_checkpoint.as_deref(),
     )?;
-    let resume = args
-        .resume_from_checkpoint
-        .as_deref()
-        .map(|s| run.resolve_checkpoint(s))
-        .transpose()?;
-    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
-        crate::config::check_resume(cfg, &saved)?;
-    }
     if model_name_or_path.is_empty() && resume.is_none() {
         return Err(TrainError::setting(
             "model_name_or_path",
@@ -565,6 +558,23 @@ pub fn open_run<C: serde::Serialize>(
     )?;
     run.write_config(&crate::config::to_toml(cfg)?)?;
     Ok((run, resume, model))
+}
+
+/// The run directory of a trainer (see [`RunDir::prepare`]) and, when resuming, the resolved
+/// checkpoint, after checking that `cfg` trains as the run's saved configuration did
+/// ([`crate::config::check_resume`]).
+pub fn prepare_run_dir<C: serde::Serialize>(
+    cfg: &C,
+    output_dir: &str,
+    overwrite: bool,
+    resume_from: Option<&str>,
+) -> Result<(RunDir, Option<PathBuf>)> {
+    let run = RunDir::prepare(Path::new(output_dir), overwrite, resume_from.is_some())?;
+    let resume = resume_from.map(|s| run.resolve_checkpoint(s)).transpose()?;
+    if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
+        crate::config::check_resume(cfg, &saved)?;
+    }
+    Ok((run, resume))
 }
 
 /// The trainable weights of a model, named, for the optimizer.

@@ -36,18 +36,7 @@ pub fn logprobs_and_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor,
     let Some((&v, lead)) = dims.split_last() else {
         return Err(shape_err("`logits` is a scalar, expected (.., V)".into()));
     };
-    if labels.dims() != lead {
-        return Err(shape_err(format!(
-            "`labels` has shape {:?}, expected {lead:?} to match `logits` {dims:?}",
-            labels.dims()
-        )));
-    }
-    let labels: Vec<u32> = labels.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-    if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y as usize >= v) {
-        return Err(shape_err(format!(
-            "label {y} at flat position {i} is not below the vocabulary size {v}"
-        )));
-    }
+    let labels = checked_labels(labels, lead, v, "logits", dims, shape_err)?;
     let op = LogprobEntropy {
         labels: Arc::new(labels),
         vocab: v,
@@ -56,6 +45,31 @@ pub fn logprobs_and_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor,
     let lp = out.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
     let h = out.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
     Ok((lp, h))
+}
+
+/// The labels as `u32`, checked to have shape `lead` (the leading dimensions of `what`,
+/// `dims`) and to lie below the vocabulary size `v`.
+fn checked_labels(
+    labels: &Tensor,
+    lead: &[usize],
+    v: usize,
+    what: &str,
+    dims: &[usize],
+    shape_err: impl Fn(String) -> PpoError,
+) -> Result<Vec<u32>> {
+    if labels.dims() != lead {
+        return Err(shape_err(format!(
+            "`labels` has shape {:?}, expected {lead:?} to match `{what}` {dims:?}",
+            labels.dims()
+        )));
+    }
+    let ys: Vec<u32> = labels.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    if let Some((i, &y)) = ys.iter().enumerate().find(|(_, &y)| y as usize >= v) {
+        return Err(shape_err(format!(
+            "label {y} at flat position {i} is not below the vocabulary size {v}"
+        )));
+    }
+    Ok(ys)
 }
 
 /// The same two outputs straight from the LM head's input: `logits = hidden · wᵀ` is
@@ -91,19 +105,8 @@ pub fn lm_head_logprobs_and_entropy(
             w.dims()
         )));
     }
-    if labels.dims() != lead {
-        return Err(shape_err(format!(
-            "`labels` has shape {:?}, expected {lead:?} to match `hidden` {hdims:?}",
-            labels.dims()
-        )));
-    }
+    let ys = checked_labels(labels, lead, v, "hidden", &hdims, shape_err)?;
     let n: usize = lead.iter().product();
-    let ys: Vec<u32> = labels.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-    if let Some((i, &y)) = ys.iter().enumerate().find(|(_, &y)| y as usize >= v) {
-        return Err(shape_err(format!(
-            "label {y} at flat position {i} is not below the vocabulary size {v}"
-        )));
-    }
     let h2 = hidden.reshape((n, h))?;
     let logits = h2.detach().matmul(&w.detach().t()?)?;
     let op = LmHeadLogprobEntropy {
