@@ -91,10 +91,18 @@ impl ScoreHead {
         let idx = last_real_index(mask)?;
         let flat: Vec<u32> = idx.iter().enumerate().map(|(row, &i)| (row * t + i) as u32).collect();
         let flat = Tensor::from_vec(flat, b, hidden.device())?;
-        let dt = head_dtype(hidden);
-        let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?.to_dtype(dt)?;
+        let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?;
+        self.forward_rows(&pooled, grad, adapters)
+    }
+
+    /// Scores of hidden states already pooled to one row per sequence.
+    ///
+    /// # Shapes
+    /// `pooled`: `(B, H)` → `(B, num_labels)`, f32.
+    pub fn forward_rows(&self, pooled: &Tensor, grad: bool, adapters: bool) -> Result<Tensor> {
+        let dt = head_dtype(pooled);
         let w = self.weight.get_in(grad, adapters).to_dtype(dt)?;
-        Ok(pooled.matmul(&w.t()?)?)
+        Ok(pooled.to_dtype(dt)?.matmul(&w.t()?)?)
     }
 }
 

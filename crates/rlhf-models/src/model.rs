@@ -232,15 +232,39 @@ impl Model {
     /// # Shapes
     /// `ids`, `mask`: `(B, T)` → `(B, num_labels)`.
     pub fn scores(&self, ids: &Tensor, mask: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
-        let head = self.score_head.as_ref().ok_or_else(|| {
+        let head = self.score_head()?;
+        let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
+        head.forward_with(&hidden, mask, fwd.grad, fwd.adapters)
+    }
+
+    fn score_head(&self) -> Result<&ScoreHead> {
+        self.score_head.as_ref().ok_or_else(|| {
             ModelError::Input(
                 "the model has no score head (`score.weight`)\n\
                  hint: pass a reward model (GPT2ForSequenceClassification, e.g. the output of `rlhf reward`)"
                     .into(),
             )
-        })?;
-        let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
-        head.forward_with(&hidden, mask, fwd.grad, fwd.adapters)
+        })
+    }
+
+    /// [`Model::scores`] of unpadded sequences, run packed ([`Gpt2::forward_packed`]): the
+    /// same scores as the padded batch (each sequence is read at its last token), with the
+    /// position-wise work done on real tokens only.
+    ///
+    /// # Shapes
+    /// `seqs`: `B` sequences → `(B, num_labels)`, f32.
+    pub fn scores_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
+        let head = self.score_head()?;
+        let hidden = self.gpt2.forward_packed(seqs, fwd)?;
+        let last: Vec<u32> = seqs
+            .iter()
+            .scan(0usize, |end, s| {
+                *end += s.len();
+                Some((*end - 1) as u32)
+            })
+            .collect();
+        let last = Tensor::from_vec(last, seqs.len(), hidden.device())?;
+        head.forward_rows(&hidden.index_select(&last, 0)?, fwd.grad, fwd.adapters)
     }
 
     /// Every weight under its checkpoint name (`transformer.` prefix for the backbone, as

@@ -191,3 +191,31 @@ fn trl_batched_forward_pass_logprobs_and_values_match() {
         assert!(resp_mask[row].iter().zip(&mask[row][1..]).all(|(r, m)| r <= m));
     }
 }
+
+#[test]
+fn packed_scores_match_transformers_on_the_padded_batch() {
+    let model = seqcls_model();
+    let p = &parity()["seqcls_padded_batch"];
+    let seqs: Vec<Vec<u32>> = u32s2(&p["input_ids"])
+        .into_iter()
+        .zip(u32s2(&p["attention_mask"]))
+        .map(|(row, m)| {
+            row.into_iter()
+                .zip(m)
+                .filter(|(_, m)| *m == 1)
+                .map(|(id, _)| id)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let scores = model
+        .scores_packed(&refs, &mut Fwd::eval())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (i, (g, w)) in scores.iter().zip(f32s(&p["scores"])).enumerate() {
+        assert_close(*g, w, TOL, &format!("packed score {i}"));
+    }
+}

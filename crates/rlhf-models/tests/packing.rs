@@ -1,0 +1,121 @@
+//! A packed forward pass (sequences end to end, attention per sequence) computes what the
+//! right-padded batch computes at its real tokens: the same scores and, through the
+//! gather/scatter around attention, the same gradient for every parameter.
+
+use candle_core::{DType, Device, Tensor};
+use rlhf_models::{Fwd, Gpt2Config, Model};
+use rlhf_peft::Param;
+
+fn model() -> Model {
+    let mut cfg = Gpt2Config::new(2, 2, 8, 16, 11);
+    cfg.disable_dropout();
+    let mut model = Model::random(cfg, 3, DType::F64, &Device::Cpu).unwrap();
+    model.ensure_score_head(5).unwrap();
+    let s = model.score_head.as_mut().unwrap();
+    s.weight = Param::frozen(s.weight.value().to_dtype(DType::F64).unwrap());
+    model.set_trainable(true).unwrap();
+    model
+}
+
+fn seqs() -> Vec<Vec<u32>> {
+    vec![vec![3, 1, 4, 1, 5, 9, 2], vec![6, 5], vec![3], vec![5, 8, 9, 7, 9]]
+}
+
+fn padded(seqs: &[Vec<u32>]) -> (Tensor, Tensor) {
+    let t = seqs.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|s| [s.clone(), vec![10; t - s.len()]].concat())
+        .collect();
+    let mask: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|s| [vec![1; s.len()], vec![0; t - s.len()]].concat())
+        .collect();
+    (
+        Tensor::new(ids, &Device::Cpu).unwrap(),
+        Tensor::new(mask, &Device::Cpu).unwrap(),
+    )
+}
+
+fn fwd(grad: bool) -> Fwd<'static> {
+    Fwd {
+        grad,
+        dropout: None,
+        adapters: true,
+        sink: None,
+    }
+}
+
+/// A weighted sum of the scores, so that every sequence's gradient path counts.
+fn weighted(scores: &Tensor) -> Tensor {
+    let w = Tensor::new(&[[1.0f64], [-2.0], [0.5], [3.0]], &Device::Cpu).unwrap();
+    (scores * w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn packed_scores_equal_the_padded_batch() {
+    let model = model();
+    let seqs = seqs();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (ids, mask) = padded(&seqs);
+    let padded = model.scores(&ids, &mask, &mut fwd(false)).unwrap();
+    let packed = model.scores_packed(&refs, &mut fwd(false)).unwrap();
+    assert_eq!(packed.dims(), &[4, 1]);
+    let (a, b) = (
+        padded.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        packed.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+    );
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        // f64: only summation order differs.
+        assert!(
+            (x - y).abs() <= 1e-12 * (1.0 + x.abs()),
+            "sequence {i}: padded {x} vs packed {y}"
+        );
+    }
+}
+
+#[test]
+fn packed_gradients_equal_the_padded_batch_for_every_parameter() {
+    let model = model();
+    let seqs = seqs();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (ids, mask) = padded(&seqs);
+    let g_pad = weighted(&model.scores(&ids, &mask, &mut fwd(true)).unwrap())
+        .backward()
+        .unwrap();
+    let g_pack = weighted(&model.scores_packed(&refs, &mut fwd(true)).unwrap())
+        .backward()
+        .unwrap();
+    let params = model.named_params();
+    assert!(params.len() > 20);
+    for (name, p) in params {
+        let get = |g: &candle_core::backprop::GradStore| {
+            g.get(p.get(true))
+                .unwrap_or_else(|| panic!("{name} received no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (a, b) = (get(&g_pad), get(&g_pack));
+        let scale = a.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-10 * scale, "{name}[{i}]: padded {x} vs packed {y}");
+        }
+    }
+}
+
+#[test]
+fn packing_refuses_empty_and_overlong_sequences() {
+    let model = model();
+    let err = model
+        .scores_packed(&[&[1, 2], &[]], &mut fwd(false))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sequence 1") && err.contains("no tokens"), "{err}");
+    let long = vec![1u32; 17];
+    let err = model.scores_packed(&[&long], &mut fwd(false)).unwrap_err().to_string();
+    assert!(err.contains("17 tokens") && err.contains("n_positions (16)"), "{err}");
+    let err = model.scores_packed(&[], &mut fwd(false)).unwrap_err().to_string();
+    assert!(err.contains("empty batch"), "{err}");
+}
