@@ -47,10 +47,19 @@ enum Command {
 /// other's cores, and a step gets several times slower. Unless the user chose a size,
 /// candle's pool is given no extra workers (`CANDLE_NUM_THREADS=1`); rayon keeps every
 /// core (`RAYON_NUM_THREADS` still applies).
+///
+/// `RAYON_NUM_THREADS` is also set (to rayon's own default, the available parallelism)
+/// unless the user chose it: candle sizes every matrix product's split from it and, when it
+/// is unset, re-derives the physical core count from `/proc/cpuinfo` on each product
+/// (several percent of a small model's step).
 fn single_thread_pool() {
+    // Nothing else runs yet: the first statements of `main`, before any thread starts.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Nothing else runs yet: the first statement of `main`, before any thread starts.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

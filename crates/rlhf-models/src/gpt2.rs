@@ -4,6 +4,7 @@
 //! loading and saving are walks over the config. The KV cache lives outside the model.
 
 use candle_core::{DType, Device, Tensor};
+use rlhf_ops::attention::{packed_causal_attention, PackedAttention};
 use rlhf_ops::nn::{causal_padding_bias, compute_dtype, dropout, layer_norm, softmax_last_dim};
 use rlhf_ops::rng::RngStream;
 use rlhf_ops::sink::{embedding, GradSink};
@@ -474,6 +475,26 @@ impl Gpt2 {
         let h = x.dim(candle_core::D::Minus1)?;
         let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim());
         let qkv = blk.c_attn.forward(x, &mut fwd.proj())?;
+        let scale = self.attention_scale(layer);
+        if let Some(p) = packing.filter(|_| rlhf_ops::kernels::applies(&[&qkv])) {
+            let keep = match fwd.dropout.as_deref_mut() {
+                Some(rng) if self.cfg.attn_pdrop > 0.0 => Some(std::sync::Arc::new(PackedAttention::dropout_keep(
+                    &p.lens,
+                    nh,
+                    self.cfg.attn_pdrop,
+                    &mut |n| rng.uniform_vec(n),
+                ))),
+                _ => None,
+            };
+            let cfg = PackedAttention {
+                lens: p.lens.clone(),
+                n_head: nh,
+                scale: scale as f32,
+                keep,
+            };
+            let out = packed_causal_attention(&qkv, cfg)?;
+            return Ok(blk.attn_c_proj.forward(&out, &mut fwd.proj())?);
+        }
         let (qkv, b, t) = match packing {
             Some(p) => (p.unpack(&qkv)?, p.b, p.t),
             None => {
@@ -493,13 +514,6 @@ impl Gpt2 {
             Some((c, i)) => c.append(i, &k, &v)?,
             None => (k, v),
         };
-        let mut scale = 1.0;
-        if self.cfg.scale_attn_weights {
-            scale /= (hd as f64).sqrt();
-        }
-        if self.cfg.scale_attn_by_inverse_layer_idx {
-            scale /= (layer + 1) as f64;
-        }
         let dtype = q.dtype();
         let up = compute_dtype(dtype);
         let scores = if self.cfg.reorder_and_upcast_attn || up != dtype {
@@ -516,6 +530,18 @@ impl Gpt2 {
             None => out,
         };
         Ok(blk.attn_c_proj.forward(&out, &mut fwd.proj())?)
+    }
+
+    /// The factor of the attention scores of layer `layer` (0-based).
+    fn attention_scale(&self, layer: usize) -> f64 {
+        let mut scale = 1.0;
+        if self.cfg.scale_attn_weights {
+            scale /= (self.cfg.head_dim() as f64).sqrt();
+        }
+        if self.cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        scale
     }
 
     /// The LM head's weight `(V, H)`: `lm_head.weight`, or `wte` when tied; tracked for
@@ -551,6 +577,8 @@ struct Packing {
     scatter: Tensor,
     /// The padded layout's attention mask, `B` rows of `T`.
     mask: Vec<Vec<u32>>,
+    /// Sequence lengths.
+    lens: Vec<usize>,
     b: usize,
     t: usize,
 }
@@ -590,6 +618,7 @@ impl Packing {
             gather: Tensor::from_vec(gather, b * t, device)?,
             scatter: Tensor::from_vec(scatter, n, device)?,
             mask,
+            lens: seqs.iter().map(|s| s.len()).collect(),
             b,
             t,
         })

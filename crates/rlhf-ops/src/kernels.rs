@@ -330,17 +330,9 @@ impl CustomOp2 for GeluTanhBwd {
 #[inline(always)]
 fn softmax_rows_imp(x: &[f32], n: usize, y: &mut [f32]) {
     for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let mut m = f32::NEG_INFINITY;
-        for &v in x {
-            m = if v > m { v } else { m };
-        }
-        let mut s = 0f32;
-        for (y, &v) in y.iter_mut().zip(x) {
-            let e = exp_f32(v - m);
-            *y = e;
-            s += e;
-        }
-        let inv = 1.0 / s;
+        let m = crate::simd::max_f32_imp(x);
+        y.copy_from_slice(x);
+        let inv = (1.0 / crate::simd::exp_shift_in_place_f32_imp(y, m)) as f32;
         for y in y.iter_mut() {
             *y *= inv;
         }
@@ -349,10 +341,19 @@ fn softmax_rows_imp(x: &[f32], n: usize, y: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_bwd_rows_imp(y: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
+    use crate::simd::LANES;
     for ((y, g), dx) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
-        let mut dot = 0f32;
-        for i in 0..n {
-            dot += y[i] * g[i];
+        let mut lanes = [0f32; LANES];
+        let (yc, gc) = (y.chunks_exact(LANES), g.chunks_exact(LANES));
+        let (yr, gr) = (yc.remainder(), gc.remainder());
+        for (y, g) in yc.zip(gc) {
+            for i in 0..LANES {
+                lanes[i] += y[i] * g[i];
+            }
+        }
+        let mut dot: f32 = lanes.iter().sum();
+        for (y, g) in yr.iter().zip(gr) {
+            dot += y * g;
         }
         for i in 0..n {
             dx[i] = y[i] * (g[i] - dot);

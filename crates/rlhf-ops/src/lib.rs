@@ -5,6 +5,7 @@
 //! the shapes it takes, in the alphabet `B` batch, `T` time, `V` vocab, `H` hidden.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod kernels;
 pub mod nn;
 pub mod ppo;

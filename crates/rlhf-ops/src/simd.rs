@@ -52,9 +52,9 @@ pub fn exp_f32(x: f32) -> f32 {
 /// variants compute the same thing (the loops keep their lane order; `mul_add` is a fused
 /// multiply-add everywhere), only faster.
 macro_rules! dispatched {
-    ($(#[$doc:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($a:ident : $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
         $(#[$doc])*
-        pub fn $name($($a: $t),*) $(-> $r)? {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -103,7 +103,7 @@ dispatched! {
 }
 
 #[inline(always)]
-fn exp_shift_in_place_f32_imp(x: &mut [f32], m: f32) -> f64 {
+pub(crate) fn exp_shift_in_place_f32_imp(x: &mut [f32], m: f32) -> f64 {
     let mut s = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -120,6 +120,90 @@ fn exp_shift_in_place_f32_imp(x: &mut [f32], m: f32) -> f64 {
     total
 }
 
+dispatched! {
+    /// `Σ x²` in f64 (f64 lanes; the order of the sum is fixed by the lane count, so every
+    /// instruction set gives the same result).
+    pub fn sum_squares_f64(x: &[f32]) -> f64 = sum_squares_f64_imp;
+}
+
+#[inline(always)]
+fn sum_squares_f64_imp(x: &[f32]) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let chunks = x.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            let v = c[i] as f64;
+            acc[i] += v * v;
+        }
+    }
+    let mut total: f64 = acc.iter().sum();
+    for &v in rest {
+        total += v as f64 * v as f64;
+    }
+    total
+}
+
+dispatched! {
+    /// `x ← x · c`.
+    pub fn scale_in_place_f32(x: &mut [f32], c: f32) = scale_in_place_f32_imp;
+}
+
+#[inline(always)]
+fn scale_in_place_f32_imp(x: &mut [f32], c: f32) {
+    x.iter_mut().for_each(|v| *v *= c);
+}
+
+dispatched! {
+    /// `acc ← acc + x` over the common length.
+    pub fn add_in_place_f32(acc: &mut [f32], x: &[f32]) = add_in_place_f32_imp;
+}
+
+#[inline(always)]
+fn add_in_place_f32_imp(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// The per-step constants of torch's AdamW element update (see [`adamw_f32`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    /// β₁.
+    pub b1: f32,
+    /// β₂.
+    pub b2: f32,
+    /// ε.
+    pub eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+    /// `1 / sqrt(1 − β₂ᵗ)`.
+    pub inv_bc2: f32,
+    /// `1 − lr·wd` for decaying parameters, else 1.
+    pub decay: f32,
+}
+
+dispatched! {
+    /// torch's AdamW update of aligned slices, in place:
+    /// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+    /// `p ← p·decay − step_size · m / (sqrt(v)·inv_bc2 + ε)`. Only exactly rounded
+    /// operations (no fused multiply-add), so every instruction set gives the same bits.
+    pub fn adamw_f32(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamStep) = adamw_f32_imp;
+}
+
+#[inline(always)]
+fn adamw_f32_imp(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamStep) {
+    let n = p.len().min(m.len()).min(v.len()).min(g.len());
+    let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
+    let (b1, b2, eps, step_size, inv_bc2, decay) = (k.b1, k.b2, k.eps, k.step_size, k.inv_bc2, k.decay);
+    for i in 0..n {
+        let gi = g[i];
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        let denom = v[i].sqrt() * inv_bc2 + eps;
+        p[i] = p[i] * decay - step_size * m[i] / denom;
+    }
+}
+
 #[inline(always)]
 fn logprob_entropy_grad_f32_imp(x: &[f32], out: &mut [f32], lse: f32, mean_x: f32, g_lp: f32, g_h: f32) {
     for (o, &xj) in out.iter_mut().zip(x) {
@@ -129,7 +213,7 @@ fn logprob_entropy_grad_f32_imp(x: &[f32], out: &mut [f32], lse: f32, mean_x: f3
 }
 
 #[inline(always)]
-fn max_f32_imp(x: &[f32]) -> f32 {
+pub(crate) fn max_f32_imp(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
+use rlhf_ops::simd::{adamw_f32, add_in_place_f32, scale_in_place_f32, sum_squares_f64, AdamStep};
 use rlhf_ops::sink::SinkEntry;
 
 use crate::error::{Result, TrainError};
@@ -221,25 +222,20 @@ impl AdamCoefficients {
 /// Elements per parallel task of the element-wise optimizer loops.
 const CHUNK: usize = 1 << 14;
 
-/// torch's AdamW element update over aligned chunks.
-#[inline(always)]
-fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamCoefficients, decay: f32) {
-    let (b1, b2, eps, step_size, inv_bc2) = (k.b1, k.b2, k.eps, k.step_size, k.inv_bc2);
-    for i in 0..p.len().min(m.len()).min(v.len()).min(g.len()) {
-        let gi = g[i];
-        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-        let denom = v[i].sqrt() * inv_bc2 + eps;
-        p[i] = p[i] * decay - step_size * m[i] / denom;
-    }
-}
-
 fn adam_par(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamCoefficients, decay: f32) {
+    let k = AdamStep {
+        b1: k.b1,
+        b2: k.b2,
+        eps: k.eps,
+        step_size: k.step_size,
+        inv_bc2: k.inv_bc2,
+        decay,
+    };
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k, decay));
+        .for_each(|(((p, m), v), g)| adamw_f32(p, m, v, g, &k));
 }
 
 fn adam_update_copying(
@@ -308,7 +304,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 fn add_into(acc: &mut [f32], x: &[f32]) {
     acc.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, b)| *a += b));
+        .for_each(|(a, x)| add_in_place_f32(a, x));
 }
 
 /// Gradients summed over micro-batches, aligned with an optimizer's parameters.
@@ -388,7 +384,7 @@ impl Grads {
             .flatten()
             .map(|g| {
                 g.par_chunks(CHUNK)
-                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .map(sum_squares_f64)
                     .collect::<Vec<f64>>()
                     .iter()
                     .sum::<f64>()
@@ -409,7 +405,7 @@ impl Grads {
                 self.sums
                     .iter_mut()
                     .flatten()
-                    .for_each(|g| g.par_chunks_mut(CHUNK).for_each(|g| g.iter_mut().for_each(|x| *x *= c)));
+                    .for_each(|g| g.par_chunks_mut(CHUNK).for_each(|g| scale_in_place_f32(g, c)));
             }
         }
         norm
