@@ -9,6 +9,7 @@ pub mod attention;
 pub mod kernels;
 pub mod nn;
 pub mod ppo;
+pub mod precision;
 pub mod rng;
 pub mod simd;
 pub mod sink;

@@ -288,7 +288,8 @@ fn add_bias(y: Tensor, bias: Option<&Param>, ctx: &ProjCtx) -> Result<Tensor> {
 }
 
 /// `x W` for `x: (.., in)` and `W: (in, out)`, flattening the leading dimensions into one
-/// matrix product (one large GEMM instead of a batched one).
+/// matrix product (one large GEMM instead of a batched one), at the calling thread's
+/// [`rlhf_ops::precision`] (f32, or bf16 operands with f32 sums).
 pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
@@ -296,5 +297,5 @@ pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / k.max(1);
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("invariant: x has at least one dimension") = n;
-    x.reshape((rows, k))?.matmul(w)?.reshape(out_dims)
+    rlhf_ops::precision::matmul(&x.reshape((rows, k))?, w)?.reshape(out_dims)
 }

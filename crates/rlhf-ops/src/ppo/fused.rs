@@ -108,11 +108,14 @@ pub fn lm_head_logprobs_and_entropy(
     let ys = checked_labels(labels, lead, v, "hidden", &hdims, shape_err)?;
     let n: usize = lead.iter().product();
     let h2 = hidden.reshape((n, h))?;
-    let logits = h2.detach().matmul(&w.detach().t()?)?;
+    // The thread's matrix-product precision, fixed for the backward's products too.
+    let bf16 = crate::precision::uses_bf16(&h2, w);
+    let logits = product(bf16, &h2.detach(), &w.detach().t()?)?;
     let op = LmHeadLogprobEntropy {
         labels: Arc::new(ys),
         vocab: v,
         sink: sink.cloned(),
+        bf16,
     };
     let out = h2.apply_op3(w, &logits, op)?;
     let lp = out.narrow(1, 0, 1)?.reshape(lead)?;
@@ -120,11 +123,22 @@ pub fn lm_head_logprobs_and_entropy(
     Ok((lp, ent))
 }
 
+/// `a · b` in f32, or with bf16 operands (see [`crate::precision`]).
+fn product(bf16: bool, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if bf16 {
+        crate::bf16::matmul(a, b)
+    } else {
+        a.matmul(b)
+    }
+}
+
 /// `(hidden (N, H), w (V, H), logits (N, V) detached)` → `(N, 2)`.
 struct LmHeadLogprobEntropy {
     labels: Arc<Vec<u32>>,
     vocab: usize,
     sink: Option<GradSink>,
+    /// Products with bf16 operands.
+    bf16: bool,
 }
 
 impl CustomOp3 for LmHeadLogprobEntropy {
@@ -162,16 +176,16 @@ impl CustomOp3 for LmHeadLogprobEntropy {
         };
         let g = logits.apply_op3_no_bwd(res, &grad_res.contiguous()?, &op)?;
         let dh = match hidden.track_op() {
-            true => Some(g.matmul(&w.detach())?),
+            true => Some(product(self.bf16, &g, &w.detach())?),
             false => None,
         };
         let dw = match (w.track_op(), &self.sink) {
             (false, _) => None,
-            (true, None) => Some(g.t()?.matmul(&hidden.detach())?),
+            (true, None) => Some(product(self.bf16, &g.t()?, &hidden.detach())?),
             (true, Some(sink)) => {
                 sink.push(SinkEntry::Dense {
                     id: w.id(),
-                    grad: g.t()?.matmul(&hidden.detach())?,
+                    grad: product(self.bf16, &g.t()?, &hidden.detach())?,
                 });
                 None
             }
