@@ -5,6 +5,7 @@
 //! the shapes it takes, in the alphabet `B` batch, `T` time, `V` vocab, `H` hidden.
 #![warn(missing_docs)]
 
+pub mod bf16;
 pub mod kernels;
 pub mod nn;
 pub mod ppo;
