@@ -34,15 +34,20 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows of the microkernel's tile (one broadcast A word per row per `k` pair).
+// Block sizes, measured on Zen 4 (32 KiB L1d, 1 MiB L2 per core), one and two threads:
+// KC 512 ran ~5% faster than 256 (half the passes over C), MC 6·MR and NC 2048 kept two
+// threads' packed blocks out of each other's way in the shared L3.
+
+/// Rows of the microkernel's tile (one broadcast A word per row per `k` pair; 2·MR
+/// accumulators and two B registers fill 30 of the 32 zmm registers).
 const MR: usize = 14;
 /// Columns of the microkernel's tile (two 16-lane registers).
 const NR: usize = 32;
-/// `k` per packed block: a `KC × NR` B panel (16 KiB of bf16) stays in L1.
-const KC: usize = 256;
-/// Rows per packed A block (`MC × KC` bf16 in L2).
-const MC: usize = 12 * MR;
-/// Columns per packed B block.
+/// `k` per packed block: a `KC × NR` B panel is 32 KiB of bf16.
+const KC: usize = 512;
+/// Rows per packed A block (`MC × KC` bf16, 84 KiB, in L2).
+const MC: usize = 6 * MR;
+/// Columns per packed B block (`KC × NC` bf16, 2 MiB, in L3).
 const NC: usize = 2048;
 
 /// The bits of the bf16 nearest to `x`, ties to even. NaN stays NaN (a quiet NaN with the
@@ -199,7 +204,8 @@ pub fn gemm(m: usize, k: usize, n: usize, a: MatRef<'_>, b: MatRef<'_>, c: &mut 
     check(m, k, n, &a, &b, c)?;
     #[cfg(target_arch = "x86_64")]
     if has_bf16_dot() {
-        gemm_bf16_dot(m, k, n, a, b, c);
+        // SAFETY: the views and C were checked just above; the CPU has the features.
+        unsafe { gemm_bf16_dot(m, k, n, a, b, c.as_mut_ptr()) };
         return Ok(());
     }
     gemm_fallback(m, k, n, a, b, c)
@@ -295,48 +301,77 @@ unsafe fn block(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: *mut f32,
     PACKED.with_borrow_mut(|buf| avx512::gemm_block(m, k, n, a, b, avx512::CBlock { ptr: c, ldc }, buf))
 }
 
-/// The kernel path of [`gemm`]; the views are checked.
+/// The kernel path of [`gemm`]: writes every element of the row-major `m × n` C at `c`,
+/// never reading one before writing it (so `c` may be uninitialised).
+///
+/// # Safety
+/// `a` and `b` are checked views of `m × k` and `k × n`; `c` is valid for writes of `m·n`
+/// f32; the CPU has AVX-512F/BW and AVX512-BF16 ([`has_bf16_dot`]).
 #[cfg(target_arch = "x86_64")]
-fn gemm_bf16_dot(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+unsafe fn gemm_bf16_dot(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: *mut f32) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c.fill(0.0);
+        std::ptr::write_bytes(c, 0, m * n);
         return;
     }
-    let shared = SharedC(c.as_mut_ptr());
+    // In every arm the sub-views are in bounds (the full views were checked) and each
+    // task's block of C is its own.
+    let shared = SharedC(c);
     match plan(m, k, n, rayon::current_num_threads()) {
-        // SAFETY (all arms): the views were checked for their full extents, so every
-        // sub-view is in bounds; each task's block of C is its own; has_bf16_dot() held.
-        None => unsafe { block(m, k, n, a, b, shared.0, n) },
+        None => block(m, k, n, a, b, c, n),
         Some((Split::Rows, size)) => (0..m).into_par_iter().step_by(size).for_each(|i0| {
-            let rows = size.min(m - i0);
-            let p = shared;
-            unsafe { block(rows, k, n, a.offset(i0, 0), b, p.0.add(i0 * n), n) }
+            let c = shared;
+            block(size.min(m - i0), k, n, a.offset(i0, 0), b, c.0.add(i0 * n), n)
         }),
         Some((Split::Cols, size)) => (0..n).into_par_iter().step_by(size).for_each(|j0| {
-            let cols = size.min(n - j0);
-            let p = shared;
-            unsafe { block(m, k, cols, a, b.offset(0, j0), p.0.add(j0), n) }
+            let c = shared;
+            block(m, k, size.min(n - j0), a, b.offset(0, j0), c.0.add(j0), n)
         }),
         Some((Split::Depth, size)) => {
-            let mut partial = vec![vec![0f32; m * n]; k.div_ceil(size) - 1];
-            let outs: Vec<&mut [f32]> = std::iter::once(&mut *c)
-                .chain(partial.iter_mut().map(|v| &mut v[..]))
-                .collect();
-            outs.into_par_iter().enumerate().for_each(|(t, out)| {
+            // The first range writes C, the others their own buffers, added afterwards.
+            let parts = k.div_ceil(size);
+            let mut partial = vec![0f32; (parts - 1) * m * n];
+            let rest = SharedC(partial.as_mut_ptr());
+            (0..parts).into_par_iter().for_each(|t| {
+                let (c, rest) = (shared, rest);
+                let out = match t {
+                    0 => c.0,
+                    _ => rest.0.add((t - 1) * m * n),
+                };
                 let k0 = t * size;
-                let kc = size.min(k - k0);
-                unsafe { block(m, kc, n, a.offset(0, k0), b.offset(k0, 0), out.as_mut_ptr(), n) }
+                block(m, size.min(k - k0), n, a.offset(0, k0), b.offset(k0, 0), out, n)
             });
-            for p in &partial {
+            let c = std::slice::from_raw_parts_mut(c, m * n);
+            for p in partial.chunks_exact(m * n) {
                 c.par_chunks_mut(1 << 14)
                     .zip(p.par_chunks(1 << 14))
                     .for_each(|(c, p)| c.iter_mut().zip(p).for_each(|(c, p)| *c += p));
             }
         }
     }
+}
+
+/// [`gemm`] into a new row-major `m × n` vector (on the kernel path without zeroing it
+/// first).
+fn gemm_new(m: usize, k: usize, n: usize, a: MatRef<'_>, b: MatRef<'_>) -> Result<Vec<f32>, GemmError> {
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_dot() {
+        a.check("A", m, k)?;
+        b.check("B", k, n)?;
+        let mut c = Vec::with_capacity(m * n);
+        // SAFETY: views checked, the CPU has the features, the capacity holds m·n f32 and
+        // gemm_bf16_dot writes all of them.
+        unsafe {
+            gemm_bf16_dot(m, k, n, a, b, c.as_mut_ptr());
+            c.set_len(m * n);
+        }
+        return Ok(c);
+    }
+    let mut c = vec![0f32; m * n];
+    gemm_fallback(m, k, n, a, b, &mut c)?;
+    Ok(c)
 }
 
 // ---------------------------------------------------------------- candle op
@@ -403,8 +438,7 @@ impl CustomOp2 for Bf16Matmul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((a, m, k), (b, _, n)) = (view(s1, l1)?, view(s2, l2)?);
-        let mut c = vec![0f32; m * n];
-        gemm(m, k, n, a, b, &mut c).map_err(candle_core::Error::wrap)?;
+        let c = gemm_new(m, k, n, a, b).map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 

@@ -87,8 +87,40 @@ unsafe fn pack_rows_interleaved(s: PanelSrc, kc: usize, w: usize, width: usize, 
     }
 }
 
+/// Transposes a 16 × 16 matrix of 32-bit words held one row per register.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [__m512i; 16]) {
+    // Within each 128-bit lane: 2×2 blocks of words, then of word pairs.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_unpacklo_epi64(a, c);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // Now lane L of r[4i + c] holds column 4L + c of rows 4i..4i+4: move the lanes.
+    for c in 0..4 {
+        let x0 = _mm512_shuffle_i32x4::<0x88>(r[c], r[c + 4]);
+        let x1 = _mm512_shuffle_i32x4::<0xDD>(r[c], r[c + 4]);
+        let y0 = _mm512_shuffle_i32x4::<0x88>(r[c + 8], r[c + 12]);
+        let y1 = _mm512_shuffle_i32x4::<0xDD>(r[c + 8], r[c + 12]);
+        t[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+        t[c + 8] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
+        t[c + 4] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+        t[c + 12] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
+    }
+    *r = t;
+}
+
 /// Packs one panel where `k` is contiguous (`ds == 1`): each word is two neighbouring
-/// source elements, written down the panel with stride `width`.
+/// source elements. Blocks of 16 panel columns × 32 `k` are rounded one column per
+/// register and transposed in registers into 16 rows of the panel.
 ///
 /// # Safety
 /// As [`pack_rows_interleaved`], with AVX-512BW too.
@@ -99,29 +131,30 @@ unsafe fn pack_pairs(s: PanelSrc, kc: usize, w: usize, width: usize, out: &mut [
         63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9,
         7, 5, 3, 1,
     );
-    let kp = kc.div_ceil(2);
-    let o = out.as_mut_ptr();
-    let mut tmp = [0u32; 16];
-    for j in 0..width {
-        if j >= w {
-            for p in 0..kp {
-                *o.add(p * width + j) = 0;
-            }
-            continue;
-        }
-        let row = s.src.as_ptr().wrapping_add(s.base + j * s.ps);
+    let mut r = [_mm512_setzero_si512(); 16];
+    for j0 in (0..width).step_by(16) {
+        let valid = w.saturating_sub(j0).min(16);
+        let m_out = lanes(width - j0);
         for t0 in (0..kc).step_by(32) {
             let n = kc - t0;
-            let x0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(n), row.wrapping_add(t0)));
-            let x1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(
-                lanes(n.saturating_sub(16)),
-                row.wrapping_add(t0 + 16),
-            ));
-            let words = _mm512_permutex2var_epi16(round_hi(x0), odd, round_hi(x1));
-            _mm512_storeu_si512(tmp.as_mut_ptr() as *mut _, words);
-            let p0 = t0 / 2;
-            for (q, &v) in tmp.iter().enumerate().take(n.div_ceil(2).min(16)) {
-                *o.add((p0 + q) * width + j) = v;
+            for (q, r) in r.iter_mut().enumerate() {
+                *r = match q < valid {
+                    true => {
+                        let row = s.src.as_ptr().wrapping_add(s.base + (j0 + q) * s.ps + t0);
+                        let x0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(n), row));
+                        let x1 = _mm512_castps_si512(_mm512_maskz_loadu_ps(
+                            lanes(n.saturating_sub(16)),
+                            row.wrapping_add(16),
+                        ));
+                        _mm512_permutex2var_epi16(round_hi(x0), odd, round_hi(x1))
+                    }
+                    false => _mm512_setzero_si512(),
+                };
+            }
+            transpose16(&mut r);
+            for (q, r) in r.iter().enumerate().take(n.div_ceil(2).min(16)) {
+                let o = out.as_mut_ptr().add((t0 / 2 + q) * width + j0);
+                _mm512_mask_storeu_epi32(o as *mut i32, m_out, *r);
             }
         }
     }

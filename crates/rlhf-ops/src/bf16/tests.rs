@@ -145,7 +145,7 @@ fn padded_and_fully_strided_views_read_the_right_elements() {
 fn every_split_over_threads_gives_the_same_product() {
     // Shapes past every block size (MC, KC, NC) and that pick each split: many rows, many
     // columns, a long k with a small C.
-    let shapes = [(700, 40, 90), (30, 70, 2500), (20, 3000, 19), (170, 520, 2100)];
+    let shapes = [(700, 41, 90), (30, 70, 2500), (20, 3001, 19), (170, 1025, 2100)];
     let expected = [Some(Split::Rows), Some(Split::Cols), Some(Split::Depth), None];
     for (&(m, k, n), want_split) in shapes.iter().zip(expected) {
         if let Some(s) = want_split {
@@ -153,11 +153,16 @@ fn every_split_over_threads_gives_the_same_product() {
         }
         let (a, b) = (random(m * k, 21), random(k * n, 22));
         let (want, scale) = reference(m, k, n, &a, &b);
+        // Two threads read both operands through transposed views.
+        let (sa, sb) = (stored(&a, m, k, true), stored(&b, k, n, true));
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (va, vb) = match threads {
+                2 => (view(&sa, m, k, true), view(&sb, k, n, true)),
+                _ => (MatRef::row_major(&a, k), MatRef::row_major(&b, n)),
+            };
             let mut c = vec![0f32; m * n];
-            pool.install(|| gemm(m, k, n, MatRef::row_major(&a, k), MatRef::row_major(&b, n), &mut c))
-                .unwrap();
+            pool.install(|| gemm(m, k, n, va, vb, &mut c)).unwrap();
             assert_close(&format!("{m}x{k}x{n}, {threads} threads"), &c, &want, &scale);
         }
     }
