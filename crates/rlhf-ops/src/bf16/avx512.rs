@@ -56,6 +56,11 @@ fn lanes(n: usize) -> __mmask16 {
     }
 }
 
+/// Source rows further apart than this (in f32) are prefetched while packing.
+const PREFETCH_ROW_GAP: usize = 256;
+/// How far ahead along a source row to prefetch (in f32): eight cache lines.
+const PREFETCH_AHEAD: usize = 128;
+
 /// Packs one panel where the panel width is contiguous (`ps == 1`): each word row interleaves
 /// two source rows (`k = 2p` low, `2p + 1` high). Writes `kp·width` words.
 ///
@@ -69,6 +74,12 @@ unsafe fn pack_rows_interleaved(s: PanelSrc, kc: usize, w: usize, width: usize, 
     for p in 0..kc.div_ceil(2) {
         let r0 = src.wrapping_add(2 * p * s.ds);
         let second = 2 * p + 1 < kc;
+        // A transposed A reads a few words from each of up to KC rows far apart, too many
+        // streams for the hardware prefetcher: fetch the lines the next panels will read.
+        if s.ds > PREFETCH_ROW_GAP {
+            _mm_prefetch::<_MM_HINT_T0>(r0.wrapping_add(PREFETCH_AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(r0.wrapping_add(s.ds + PREFETCH_AHEAD) as *const i8);
+        }
         for j0 in (0..width).step_by(16) {
             let m_in = lanes(w.saturating_sub(j0));
             let x0 = _mm512_castps_si512(_mm512_maskz_loadu_ps(m_in, r0.wrapping_add(j0)));
