@@ -12,7 +12,8 @@ use serde_json::json;
 /// The workloads.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Workload {
-    /// f32 and bf16 matrix products (1024³ and 4096×768×768) through candle's matmul.
+    /// Matrix products (1024³ and 4096×768×768) on f32 inputs: candle's f32 matmul, and
+    /// the mixed-precision `rlhf_ops::bf16::matmul` (bf16-rounded operands, f32 sums).
     Gemm,
     /// One reward-model step on 8 pairs (max_length 128), tiny GPT-2.
     RewardTiny,
@@ -100,36 +101,54 @@ fn time_steps(warmup: usize, steps: usize, mut f: impl FnMut() -> anyhow::Result
     Ok(times)
 }
 
+/// The kernel behind the bf16 rows: the one training uses for mixed precision.
+fn bf16_kernel() -> &'static str {
+    match rlhf_ops::bf16::has_bf16_dot() {
+        true => "rlhf_ops::bf16::matmul: f32 in, operands rounded to bf16, AVX512-BF16 vdpbf16ps, f32 sums",
+        false => "rlhf_ops::bf16::matmul fallback: f32 in, operands rounded to bf16, candle f32 matmul",
+    }
+}
+
 fn gemm(steps: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut rng = RngStream::new(0);
     for (m, k, n) in [(1024usize, 1024usize, 1024usize), (4096, 768, 768)] {
+        let a = Tensor::from_vec(rng.uniform_vec(m * k), (m, k), &Device::Cpu)?;
+        let b = Tensor::from_vec(rng.uniform_vec(k * n), (k, n), &Device::Cpu)?;
         for dtype in [DType::F32, DType::BF16] {
-            let a = Tensor::from_vec(rng.uniform_vec(m * k), (m, k), &Device::Cpu)?.to_dtype(dtype)?;
-            let b = Tensor::from_vec(rng.uniform_vec(k * n), (k, n), &Device::Cpu)?.to_dtype(dtype)?;
+            let kernel = match dtype {
+                DType::BF16 => bf16_kernel(),
+                _ => "candle matmul, f32",
+            };
             let times = time_steps(3, steps, || {
-                a.matmul(&b)?;
+                match dtype {
+                    DType::BF16 => rlhf_ops::bf16::matmul(&a, &b)?,
+                    _ => a.matmul(&b)?,
+                };
                 Ok(())
             })?;
             let (median, min, max) = stats(times);
             let gflops = 2.0 * (m * k * n) as f64 / median / 1e9;
             let line = json!({"shape": format!("{m}x{k}x{n}"), "dtype": format!("{dtype:?}").to_lowercase(),
-                "seconds": median, "min": min, "max": max, "gflops": gflops});
+                "kernel": kernel, "seconds": median, "min": min, "max": max, "gflops": gflops});
             println!("{line}");
             results.push(line);
         }
     }
-    let best_f32 = results
-        .iter()
-        .filter(|r| r["dtype"] == "f32")
-        .map(|r| r["gflops"].as_f64().unwrap_or(0.0))
-        .fold(0.0, f64::max);
+    let best = |dtype: &str| {
+        results
+            .iter()
+            .filter(|r| r["dtype"] == dtype)
+            .map(|r| r["gflops"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    let (best_f32, best_bf16) = (best("f32"), best("bf16"));
     let first = &results[0];
     println!(
         "{}",
         json!({"workload": "gemm", "seconds_per_step": first["seconds"], "min": first["min"], "max": first["max"],
-            "throughput": best_f32, "unit": "GFLOP/s (best f32)", "peak_rss_mib": peak_rss_mib(),
-            "threads": threads(), "dtype": "f32+bf16", "results": results})
+            "throughput": best_f32, "unit": "GFLOP/s (best f32)", "bf16_throughput": best_bf16,
+            "peak_rss_mib": peak_rss_mib(), "threads": threads(), "dtype": "f32+bf16", "results": results})
     );
     Ok(())
 }

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod bf16;
 pub mod kernels;
 pub mod nn;
 pub mod ppo;
