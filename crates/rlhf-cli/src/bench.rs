@@ -40,9 +40,25 @@ pub struct Args {
     /// Timed steps (default: the workload's own).
     #[arg(long)]
     steps: Option<usize>,
+    /// Matrix products with bf16 operands and f32 sums (`rlhf_ops::precision`); weights,
+    /// activations, gradients and optimizer state stay f32. Reported as dtype
+    /// `f32+bf16-matmul`.
+    #[arg(long)]
+    bf16: bool,
+}
+
+/// The dtype a workload reports.
+fn dtype_name() -> &'static str {
+    match rlhf_ops::precision::matmul_precision() {
+        rlhf_ops::precision::MatmulPrecision::Bf16 => "f32+bf16-matmul",
+        rlhf_ops::precision::MatmulPrecision::Highest => "f32",
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.bf16 {
+        rlhf_ops::precision::set_matmul_precision(rlhf_ops::precision::MatmulPrecision::Bf16);
+    }
     match a.workload {
         Workload::Gemm => gemm(a.steps.unwrap_or(10)),
         Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
@@ -178,7 +194,7 @@ fn generate_small(steps: usize) -> anyhow::Result<()> {
         "{}",
         json!({"workload": "generate-small", "seconds_per_step": median, "min": min, "max": max,
             "throughput": tokens as f64 / median, "unit": "tokens/s", "peak_rss_mib": peak_rss_mib(),
-            "threads": threads(), "dtype": "f32", "batch": prompts.len(), "new_tokens": 64})
+            "threads": threads(), "dtype": dtype_name(), "batch": prompts.len(), "new_tokens": 64})
     );
     Ok(())
 }
@@ -236,7 +252,7 @@ fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::R
         "{}",
         json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
             "throughput": 8.0 / median, "unit": "pairs/s", "peak_rss_mib": peak_rss_mib(),
-            "threads": threads(), "dtype": "f32", "tokens_last_step": tokens})
+            "threads": threads(), "dtype": dtype_name(), "tokens_last_step": tokens})
     );
     Ok(())
 }
@@ -340,7 +356,7 @@ fn ppo(name: &str, cfg: Gpt2Config, adapt: Adapt, steps: usize) -> anyhow::Resul
         "{}",
         json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
             "throughput": 16.0 / median, "unit": "samples/s", "peak_rss_mib": peak_rss_mib(),
-            "threads": threads(), "dtype": "f32",
+            "threads": threads(), "dtype": dtype_name(),
             "generate_s": med(0), "score_s": med(1), "step_s": med(2),
             "last_step_times": ppo_times.last()})
     );

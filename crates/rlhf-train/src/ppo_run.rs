@@ -56,6 +56,9 @@ pub struct PpoRunConfig {
     pub log_samples: u64,
     /// JSON log lines instead of a progress bar.
     pub quiet: bool,
+    /// Matrix products with bf16 operands and f32 sums (AVX512-BF16 where the CPU has it);
+    /// weights, gradients and optimizer state stay f32 (see `rlhf_ops::precision`).
+    pub bf16: bool,
     /// TRL's `PPOConfig`.
     #[serde(flatten)]
     pub ppo: PpoConfig,
@@ -85,6 +88,7 @@ impl Default for PpoRunConfig {
             save_total_limit: None,
             log_samples: 10,
             quiet: false,
+            bf16: false,
             ppo: PpoConfig::default(),
             peft: PeftArgs::default(),
         }
@@ -122,6 +126,7 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
 /// [`train`], stopping between PPO steps once `stop` is requested: the last completed step is
 /// saved as a checkpoint and the error is [`TrainError::Interrupted`].
 pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> {
+    let _precision = crate::trainer::PrecisionGuard::new(cfg.bf16);
     // 1. config, run directory, models
     cfg.ppo.validate()?;
     let sampler = length_sampler(cfg)?;

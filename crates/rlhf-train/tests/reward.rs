@@ -213,6 +213,30 @@ fn a_reward_model_learns_the_preference_rule_on_held_out_pairs() {
 }
 
 #[test]
+fn a_reward_model_learns_with_bf16_matrix_products() {
+    // bf16 operands, f32 sums, weights and optimizer: the same rule is learned.
+    let tmp = tempfile::tempdir().unwrap();
+    let train_file = tmp.path().join("train.jsonl");
+    head_jsonl("prefs_train.jsonl", 480, &train_file);
+    let mut cfg = base_cfg(&fixtures().join("tiny-gpt2"), &train_file, &tmp.path().join("rm"));
+    cfg.eval_file = Some(fixtures().join("data/prefs_val.jsonl").display().to_string());
+    cfg.args.learning_rate = 5e-4;
+    cfg.args.num_train_epochs = 1.0;
+    cfg.args.logging_steps = 10;
+    cfg.args.eval_strategy = "steps".into();
+    cfg.args.eval_steps = Some(1000);
+    cfg.args.bf16 = true;
+    let out = train(&cfg).unwrap();
+    let acc = out.eval.unwrap()["accuracy"];
+    assert!(acc >= 0.75, "eval accuracy {acc}");
+    // The run's setting does not outlive it.
+    assert_eq!(
+        rlhf_ops::precision::matmul_precision(),
+        rlhf_ops::precision::MatmulPrecision::Highest
+    );
+}
+
+#[test]
 fn bad_reward_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = fixtures().join("tiny-gpt2");

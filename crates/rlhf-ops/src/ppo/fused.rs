@@ -455,7 +455,7 @@ mod tests {
 
     /// The LM-head form against `matmul` + the composed ops, with the weight also used by an
     /// embedding lookup (tied, as GPT-2's `wte`), so its two gradients are summed.
-    fn check_lm_head(dtype: DType, tol: f64) {
+    fn check_lm_head(dtype: DType, tol: f64, bf16: bool) -> f64 {
         let (b, t, h, v) = (2, 3, 8, 300);
         let dev = &Device::Cpu;
         let mk = |n: usize, shape: &[usize], seed| {
@@ -472,7 +472,13 @@ mod tests {
         let run = |fused: bool| {
             let (hv, wv) = (Var::from_tensor(&hid).unwrap(), Var::from_tensor(&w).unwrap());
             let (lp, ent) = if fused {
-                lm_head_logprobs_and_entropy(hv.as_tensor(), wv.as_tensor(), &y, None).unwrap()
+                let p = match bf16 {
+                    true => crate::precision::MatmulPrecision::Bf16,
+                    false => crate::precision::MatmulPrecision::Highest,
+                };
+                crate::precision::with_matmul_precision(p, || {
+                    lm_head_logprobs_and_entropy(hv.as_tensor(), wv.as_tensor(), &y, None).unwrap()
+                })
             } else {
                 let logits = hv.as_tensor().broadcast_matmul(&wv.as_tensor().t().unwrap()).unwrap();
                 (
@@ -506,6 +512,7 @@ mod tests {
             (f(&lp), f(&ent), gh, gw)
         };
         let (a, c) = (run(true), run(false));
+        let mut largest = 0f64;
         for (name, u, w) in [
             ("logprob", &a.0, &c.0),
             ("entropy", &a.1, &c.1),
@@ -514,18 +521,30 @@ mod tests {
         ] {
             assert_eq!(u.len(), w.len());
             for (i, (p, q)) in u.iter().zip(w.iter()).enumerate() {
+                largest = largest.max((p - q).abs());
                 assert!(
                     (p - q).abs() <= tol * (1.0 + q.abs()),
                     "{name}[{i}]: fused {p} vs composed {q} ({dtype:?})"
                 );
             }
         }
+        largest
     }
 
     #[test]
     fn lm_head_form_matches_matmul_and_the_composed_oracle() {
-        check_lm_head(DType::F32, 2e-5);
-        check_lm_head(DType::F64, 1e-12);
+        check_lm_head(DType::F32, 2e-5, false);
+        check_lm_head(DType::F64, 1e-12, false);
+    }
+
+    #[test]
+    fn lm_head_form_with_bf16_products_stays_within_bf16_rounding_of_f32() {
+        // Operands rounded to 8 mantissa bits (relative 2⁻⁹ each), sums over H = 8 terms of
+        // size ≤ 1 in the logits and over 300 vocabulary entries in the weight's gradient.
+        let largest = check_lm_head(DType::F32, 3e-2, true);
+        assert!(largest > 1e-6, "bf16 products should differ from f32 ({largest})");
+        // f64 models never use bf16.
+        check_lm_head(DType::F64, 1e-12, true);
     }
 
     #[test]
