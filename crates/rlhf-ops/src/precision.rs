@@ -5,6 +5,8 @@
 //! operands of the products are rounded to bf16 (8 bits of mantissa), each product is
 //! exact, and the sums are f32.
 //!
+//! Decoding products (a few rows, no gradients) stay f32 in either mode: see [`matmul`].
+//!
 //! The setting belongs to the calling thread (a training loop's thread), so that programs
 //! and tests running several models at once do not change each other's numerics. It is read
 //! when a product is built in the forward pass; that product's backward products use the
@@ -125,7 +127,10 @@ mod tests {
             }
         }
         let v = candle_core::Var::from_tensor(&rand(300, 70)).unwrap();
-        assert!(!few_rows_inference(&a, v.as_tensor()), "tracked operands keep the graph's product");
+        assert!(
+            !few_rows_inference(&a, v.as_tensor()),
+            "tracked operands keep the graph's product"
+        );
     }
 
     #[test]
