@@ -403,7 +403,7 @@ impl Gpt2 {
         let bias = causal_padding_bias(&mask_rows, t, device)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = self.block_forward(block, i, &x, &bias, layer_cache, None, fwd)?;
+            x = self.block_forward(block, i, &x, Attend::Padded(&bias), layer_cache, fwd)?;
         }
         if let Some(c) = cache {
             c.advance(t)?;
@@ -428,26 +428,23 @@ impl Gpt2 {
         let tok = embedding(self.wte.get(grad), &packing.ids, fwd.sink)?;
         let pe = embedding(self.wpe.get(grad), &packing.positions, fwd.sink)?;
         let mut x = fwd.dropout(&(tok + pe)?, self.cfg.embd_pdrop)?;
-        let bias = causal_padding_bias(&packing.mask, packing.t, self.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, i, &x, &bias, None, Some(&packing), fwd)?;
+            x = self.block_forward(block, i, &x, Attend::Packed(&packing), None, fwd)?;
         }
         self.ln_f.forward(&x, fwd)
     }
 
-    /// One transformer block. `x` is `(B, T, H)`, or `(N, H)` packed rows with `packing`.
-    #[allow(clippy::too_many_arguments)]
+    /// One transformer block. `x` is `(B, T, H)`, or `(N, H)` packed rows.
     fn block_forward(
         &self,
         blk: &Block,
         layer: usize,
         x: &Tensor,
-        bias: &Tensor,
+        attend: Attend,
         cache: Option<(&mut KvCache, usize)>,
-        packing: Option<&Packing>,
         fwd: &mut Fwd,
     ) -> Result<Tensor> {
-        let a = self.attention(blk, layer, &blk.ln_1.forward(x, fwd)?, bias, cache, packing, fwd)?;
+        let a = self.attention(blk, layer, &blk.ln_1.forward(x, fwd)?, attend, cache, fwd)?;
         let x = (x + fwd.dropout(&a, self.cfg.resid_pdrop)?)?;
         let m = blk.c_fc.forward(&blk.ln_2.forward(&x, fwd)?, &mut fwd.proj())?;
         let m = blk
@@ -459,23 +456,25 @@ impl Gpt2 {
     /// Causal self-attention: `softmax(q k^T * scale + bias) v`.
     ///
     /// # Shapes
-    /// `x`: `(B, T, H)`, `bias`: `(B, 1, T, S)` → `(B, T, H)`; with `packing`, `x` is
-    /// `(N, H)` packed rows → `(N, H)`.
-    #[allow(clippy::too_many_arguments)]
+    /// `x`: `(B, T, H)` with [`Attend::Padded`] → `(B, T, H)`; `(N, H)` packed rows with
+    /// [`Attend::Packed`] → `(N, H)`.
     fn attention(
         &self,
         blk: &Block,
         layer: usize,
         x: &Tensor,
-        bias: &Tensor,
+        attend: Attend,
         cache: Option<(&mut KvCache, usize)>,
-        packing: Option<&Packing>,
         fwd: &mut Fwd,
     ) -> Result<Tensor> {
         let h = x.dim(candle_core::D::Minus1)?;
         let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim());
         let qkv = blk.c_attn.forward(x, &mut fwd.proj())?;
         let scale = self.attention_scale(layer);
+        let packing = match attend {
+            Attend::Packed(p) => Some(p),
+            Attend::Padded(_) => None,
+        };
         if let Some(p) = packing.filter(|_| rlhf_ops::kernels::applies(&[&qkv])) {
             let keep = match fwd.dropout.as_deref_mut() {
                 Some(rng) if self.cfg.attn_pdrop > 0.0 => Some(std::sync::Arc::new(PackedAttention::dropout_keep(
@@ -495,11 +494,11 @@ impl Gpt2 {
             let out = packed_causal_attention(&qkv, cfg)?;
             return Ok(blk.attn_c_proj.forward(&out, &mut fwd.proj())?);
         }
-        let (qkv, b, t) = match packing {
-            Some(p) => (p.unpack(&qkv)?, p.b, p.t),
-            None => {
+        let (qkv, bias, b, t) = match attend {
+            Attend::Packed(p) => (p.unpack(&qkv)?, p.bias()?, p.lens.len(), p.t),
+            Attend::Padded(bias) => {
                 let (b, t, _) = x.dims3()?;
-                (qkv, b, t)
+                (qkv, bias, b, t)
             }
         };
         let heads = |i: usize| -> Result<Tensor> {
@@ -564,6 +563,15 @@ impl Gpt2 {
     }
 }
 
+/// What attention runs over.
+#[derive(Clone, Copy)]
+enum Attend<'a> {
+    /// A padded `(B, T)` batch with its additive bias `(B, 1, T, S)`.
+    Padded(&'a Tensor),
+    /// Packed rows.
+    Packed(&'a Packing),
+}
+
 /// Where the rows of a packed batch sit in the right-padded layout attention runs in.
 struct Packing {
     /// `(N)` token ids, sequences end to end.
@@ -575,12 +583,13 @@ struct Packing {
     gather: Tensor,
     /// `(N)`: the padded slot of each packed row.
     scatter: Tensor,
-    /// The padded layout's attention mask, `B` rows of `T`.
-    mask: Vec<Vec<u32>>,
-    /// Sequence lengths.
+    /// Sequence lengths (`B` of them).
     lens: Vec<usize>,
-    b: usize,
+    /// The longest.
     t: usize,
+    /// The padded layout's causal bias, built on first use: only the composed attention
+    /// (dtypes other than f32) reads it.
+    bias: std::cell::OnceCell<Tensor>,
 }
 
 impl Packing {
@@ -592,7 +601,7 @@ impl Packing {
         let n: usize = seqs.iter().map(|s| s.len()).sum();
         let (mut ids, mut positions, mut scatter) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut gather, mut mask) = (vec![0u32; b * t], vec![vec![0u32; t]; b]);
+        let mut gather = vec![0u32; b * t];
         for (i, s) in seqs.iter().enumerate() {
             if s.is_empty() {
                 return Err(ModelError::Input(format!("sequence {i} of the batch has no tokens")));
@@ -609,7 +618,6 @@ impl Packing {
                 scatter.push((i * t + j) as u32);
                 ids.push(id);
                 positions.push(j as u32);
-                mask[i][j] = 1;
             }
         }
         Ok(Self {
@@ -617,23 +625,37 @@ impl Packing {
             positions: Tensor::from_vec(positions, n, device)?,
             gather: Tensor::from_vec(gather, b * t, device)?,
             scatter: Tensor::from_vec(scatter, n, device)?,
-            mask,
             lens: seqs.iter().map(|s| s.len()).collect(),
-            b,
             t,
+            bias: std::cell::OnceCell::new(),
         })
+    }
+
+    /// The causal bias of the right-padded layout, `(B, 1, T, T)`.
+    fn bias(&self) -> Result<&Tensor> {
+        if let Some(b) = self.bias.get() {
+            return Ok(b);
+        }
+        let mask: Vec<Vec<u32>> = self
+            .lens
+            .iter()
+            .map(|&n| (0..self.t).map(|j| u32::from(j < n)).collect())
+            .collect();
+        let b = causal_padding_bias(&mask, self.t, self.gather.device())?;
+        Ok(self.bias.get_or_init(|| b))
     }
 
     /// `(N, C)` packed rows → `(B, T, C)` padded.
     fn unpack(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(1)?;
-        Ok(x.index_select(&self.gather, 0)?.reshape((self.b, self.t, c))?)
+        Ok(x.index_select(&self.gather, 0)?.reshape((self.lens.len(), self.t, c))?)
     }
 
     /// `(B, T, C)` padded → `(N, C)` packed rows.
     fn pack(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(2)?;
-        Ok(x.reshape((self.b * self.t, c))?.index_select(&self.scatter, 0)?)
+        Ok(x.reshape((self.lens.len() * self.t, c))?
+            .index_select(&self.scatter, 0)?)
     }
 }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::slice;
 use crate::simd::{dispatched, exp_f32, LANES};
 
 /// The shape of a packed attention call.
@@ -101,13 +102,6 @@ impl PackedAttention {
 /// `qkv`: `(N, 3H)` f32 → `(N, H)`.
 pub fn packed_causal_attention(qkv: &Tensor, cfg: PackedAttention) -> candle_core::Result<Tensor> {
     qkv.contiguous()?.apply_op1(cfg)
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("packed attention: expected a contiguous f32 tensor"),
-    }
 }
 
 #[inline(always)]
@@ -246,7 +240,7 @@ impl CustomOp1 for PackedAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, h) = self.check(l)?;
-        let qkv = slice(s, l)?;
+        let qkv = slice(s, l, "packed attention")?;
         let d = h / self.n_head;
         let parts: Vec<Vec<f32>> = self
             .tasks()
@@ -297,7 +291,7 @@ impl CustomOp2 for PackedAttentionBwd {
                 l2.shape().dims()
             )
         }
-        let (qkv, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (qkv, g) = (slice(s1, l1, "packed attention")?, slice(s2, l2, "packed attention")?);
         let d = h / cfg.n_head;
         let parts: Vec<Vec<f32>> = cfg
             .tasks()

@@ -40,26 +40,49 @@ pub fn matmul_precision() -> MatmulPrecision {
     PRECISION.with(Cell::get)
 }
 
+/// Sets this thread's precision until dropped, then restores the one before.
+#[must_use = "the previous precision is restored when the guard drops"]
+pub struct PrecisionGuard(MatmulPrecision);
+
+impl PrecisionGuard {
+    /// Sets `p` for this thread.
+    pub fn set(p: MatmulPrecision) -> Self {
+        let old = matmul_precision();
+        set_matmul_precision(p);
+        Self(old)
+    }
+
+    /// A run's `bf16` setting: bf16 when asked, else the thread's precision as it is.
+    pub fn for_run(bf16: bool) -> Self {
+        Self::set(if bf16 {
+            MatmulPrecision::Bf16
+        } else {
+            matmul_precision()
+        })
+    }
+}
+
+impl Drop for PrecisionGuard {
+    fn drop(&mut self) {
+        set_matmul_precision(self.0);
+    }
+}
+
 /// Runs `f` with this thread's precision set to `p`, restoring the previous one after.
 pub fn with_matmul_precision<R>(p: MatmulPrecision, f: impl FnOnce() -> R) -> R {
-    struct Restore(MatmulPrecision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            set_matmul_precision(self.0);
-        }
-    }
-    let _restore = Restore(matmul_precision());
-    set_matmul_precision(p);
+    let _guard = PrecisionGuard::set(p);
     f()
+}
+
+/// An f32 matrix on the CPU.
+fn f32_cpu_matrix(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2
 }
 
 /// Whether a product of these operands runs in bf16: the thread asks for it and both are
 /// f32 matrices on the CPU.
 pub fn uses_bf16(a: &Tensor, b: &Tensor) -> bool {
-    matmul_precision() == MatmulPrecision::Bf16
-        && [a, b]
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2)
+    matmul_precision() == MatmulPrecision::Bf16 && f32_cpu_matrix(a) && f32_cpu_matrix(b)
 }
 
 /// `a · b` for matrices `a: (m, k)`, `b: (k, n)` at this thread's precision (any other
@@ -84,7 +107,7 @@ const FEW_ROWS: usize = 32;
 /// Untracked f32 CPU matrices, `a` with at most [`FEW_ROWS`] rows, a weight at least four
 /// times wider and a contraction of at least 256 (below it the direct form is as fast).
 fn few_rows_inference(a: &Tensor, b: &Tensor) -> bool {
-    let ok = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2 && !t.track_op();
+    let ok = |t: &Tensor| f32_cpu_matrix(t) && !t.track_op();
     match (a.dims(), b.dims()) {
         (&[m, k], &[_, n]) => ok(a) && ok(b) && m > 0 && m <= FEW_ROWS && n >= 4 * m && k >= 256,
         _ => false,

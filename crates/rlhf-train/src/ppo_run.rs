@@ -126,7 +126,7 @@ pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
 /// [`train`], stopping between PPO steps once `stop` is requested: the last completed step is
 /// saved as a checkpoint and the error is [`TrainError::Interrupted`].
 pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> {
-    let _precision = crate::trainer::PrecisionGuard::new(cfg.bf16);
+    let _precision = rlhf_ops::precision::PrecisionGuard::for_run(cfg.bf16);
     // 1. config, run directory, models
     cfg.ppo.validate()?;
     let sampler = length_sampler(cfg)?;

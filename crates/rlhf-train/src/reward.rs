@@ -213,7 +213,7 @@ pub fn train(cfg: &RewardConfig) -> Result<RewardOutcome> {
 /// [`train`], stopping between optimizer steps once `stop` is requested: the last completed
 /// step is saved as a checkpoint and the error is [`TrainError::Interrupted`].
 pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcome> {
-    let _precision = crate::trainer::PrecisionGuard::new(cfg.args.bf16);
+    let _precision = rlhf_ops::precision::PrecisionGuard::for_run(cfg.args.bf16);
     // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "SEQ_CLS", |m| {

@@ -194,7 +194,7 @@ pub fn train(cfg: &SftConfig) -> Result<SftOutcome> {
 /// [`train`], stopping between optimizer steps once `stop` is requested: the last completed
 /// step is saved as a checkpoint and the error is [`TrainError::Interrupted`].
 pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
-    let _precision = crate::trainer::PrecisionGuard::new(cfg.args.bf16);
+    let _precision = rlhf_ops::precision::PrecisionGuard::for_run(cfg.args.bf16);
     // 1. config, run directory and model (from the checkpoint when resuming)
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "CAUSAL_LM", |m| {

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use candle_core::Var;
 use rlhf_models::Model;
-use rlhf_ops::precision::{matmul_precision, set_matmul_precision, MatmulPrecision};
 use rlhf_ops::rng::RngStream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -589,25 +588,4 @@ pub fn trainable_params(model: &Model) -> Vec<(String, Var)> {
         .into_iter()
         .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
         .collect()
-}
-
-/// Sets the calling thread's matrix-product precision for a run (bf16 when `bf16`, else
-/// left as it is) and restores the previous one when dropped.
-pub struct PrecisionGuard(MatmulPrecision);
-
-impl PrecisionGuard {
-    /// Applies `bf16` to this thread until the guard drops.
-    pub fn new(bf16: bool) -> Self {
-        let old = matmul_precision();
-        if bf16 {
-            set_matmul_precision(MatmulPrecision::Bf16);
-        }
-        Self(old)
-    }
-}
-
-impl Drop for PrecisionGuard {
-    fn drop(&mut self) {
-        set_matmul_precision(self.0);
-    }
 }
