@@ -100,6 +100,9 @@ pub enum ModelError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A packed matrix product was given operands of the wrong size.
+    #[error(transparent)]
+    Gemm(#[from] rlhf_ops::bf16::GemmError),
 }
 
 /// Result alias of this crate.

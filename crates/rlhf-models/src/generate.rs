@@ -5,7 +5,12 @@
 use candle_core::{DType, Tensor};
 use rlhf_ops::rng::RngStream;
 
+use rayon::prelude::*;
+use rlhf_ops::packed::PackedFormat;
+use rlhf_ops::precision::MatmulPrecision;
+
 use crate::cache::KvCache;
+use crate::decode::Decoder;
 use crate::error::{ModelError, Result};
 use crate::gpt2::{Fwd, Gpt2};
 
@@ -87,8 +92,14 @@ pub struct Generation {
 /// row sees exactly what it would alone. A row that emits EOS is finished: it gets
 /// `pad_token_id` with mask 0 afterwards. `rng` drives sampling; the same seed gives the
 /// same samples.
+///
+/// f32 models on the CPU decode with [`Decoder`] (weights packed once for the whole
+/// generation; bf16 panels when the thread's
+/// [`matmul_precision`](rlhf_ops::precision::matmul_precision) is bf16), others with
+/// [`generate_composed`]. Both draw the same random numbers in the same order and compute
+/// the same logits up to the order of f32 sums.
 pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng: &mut RngStream) -> Result<Generation> {
-    cfg.validate()?;
+    check(model, prompts, cfg)?;
     let b = prompts.len();
     if b == 0 {
         return Ok(Generation {
@@ -96,6 +107,86 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
             response_ids: vec![],
         });
     }
+    let format = match rlhf_ops::precision::matmul_precision() {
+        MatmulPrecision::Bf16 => PackedFormat::Bf16,
+        MatmulPrecision::Highest => PackedFormat::F32,
+    };
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let Some(mut dec) = Decoder::new(model, b, max_len + cfg.max_new_tokens, format)? else {
+        return generate_composed(model, prompts, cfg, rng);
+    };
+    // The loop runs on a worker of the rayon pool, so that the step's many short parallel
+    // loops are forked from a worker instead of each being handed over from this thread.
+    let responses = rayon::scope(|_| decode_loop(&mut dec, prompts, cfg, rng))?;
+    Ok(Generation {
+        prompt_ids: prompts.to_vec(),
+        response_ids: responses,
+    })
+}
+
+/// The sampling loop of [`generate`] on a [`Decoder`]: the new tokens of every row.
+fn decode_loop(
+    dec: &mut Decoder,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    rng: &mut RngStream,
+) -> Result<Vec<Vec<u32>>> {
+    let v = dec.vocab_size();
+    let mut logits = dec.prefill(prompts)?;
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut responses: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_new_tokens); prompts.len()];
+    for step in 0..cfg.max_new_tokens {
+        // One uniform per row, drawn in row order as the composed path draws them; the rows
+        // are then sampled in parallel.
+        let draws: Vec<Option<f64>> = active
+            .iter()
+            .map(|_| cfg.do_sample.then(|| rng.uniform_f64()))
+            .collect();
+        let toks: Vec<u32> = logits
+            .par_chunks_exact_mut(v)
+            .zip(draws)
+            .map(|(l, u)| next_token_with(l, step, cfg, u))
+            .collect();
+        let (mut rows, mut tokens) = (Vec::with_capacity(active.len()), Vec::with_capacity(active.len()));
+        for (&row, tok) in active.iter().zip(toks) {
+            responses[row].push(tok);
+            if Some(tok) != cfg.eos_token_id {
+                rows.push(row);
+                tokens.push(tok);
+            }
+        }
+        if rows.is_empty() || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        logits = dec.step(&rows, &tokens)?;
+        active = rows;
+    }
+    Ok(responses)
+}
+
+/// The next token of a row from its logits: EOS forbidden before `min_new_tokens`, then a
+/// sample or the argmax.
+fn next_token(logits: &mut [f32], step: usize, cfg: &GenerationConfig, rng: &mut RngStream) -> u32 {
+    let u = cfg.do_sample.then(|| rng.uniform_f64());
+    next_token_with(logits, step, cfg, u)
+}
+
+/// [`next_token`] with the uniform draw of sampling given (`None`: greedy).
+fn next_token_with(logits: &mut [f32], step: usize, cfg: &GenerationConfig, u: Option<f64>) -> u32 {
+    if step < cfg.min_new_tokens {
+        if let Some(eos) = cfg.eos_token_id {
+            logits[eos as usize] = f32::NEG_INFINITY;
+        }
+    }
+    match u {
+        Some(u) => sample_with(logits, cfg, u),
+        None => argmax(logits),
+    }
+}
+
+/// Checks the settings and the prompts against the model.
+fn check(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<()> {
+    cfg.validate()?;
     let n_pos = model.cfg.n_positions;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -118,6 +209,26 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
                 model.cfg.vocab_size
             )));
         }
+    }
+    Ok(())
+}
+
+/// [`generate`] through the composed tensor path: the left-padded batch, every row every
+/// step, [`Gpt2::forward`] with a [`KvCache`]. Serves every device and dtype, and is the
+/// oracle of the [`Decoder`] path.
+pub fn generate_composed(
+    model: &Gpt2,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    rng: &mut RngStream,
+) -> Result<Generation> {
+    check(model, prompts, cfg)?;
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Generation {
+            prompt_ids: vec![],
+            response_ids: vec![],
+        });
     }
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let device = model.device();
@@ -163,16 +274,7 @@ pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng:
                 mask[row].push(0);
                 continue;
             }
-            if step < cfg.min_new_tokens {
-                if let Some(eos) = cfg.eos_token_id {
-                    l[eos as usize] = f32::NEG_INFINITY;
-                }
-            }
-            let tok = if cfg.do_sample {
-                sample(&mut l, cfg, rng)
-            } else {
-                argmax(&l)
-            };
+            let tok = next_token(&mut l, step, cfg, rng);
             responses[row].push(tok);
             done[row] = Some(tok) == cfg.eos_token_id;
             next.push(tok);
@@ -209,6 +311,11 @@ pub fn argmax(v: &[f32]) -> u32 {
 /// Samples one token from logits after Hugging Face's warpers, in their order:
 /// temperature, top-k, top-p (keeping at least one token).
 pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -> u32 {
+    sample_with(logits, cfg, rng.uniform_f64())
+}
+
+/// [`sample`] with its one uniform draw `u` in `[0, 1)` given.
+pub fn sample_with(logits: &mut [f32], cfg: &GenerationConfig, u: f64) -> u32 {
     let inv_t = (1.0 / cfg.temperature) as f32;
     if inv_t != 1.0 {
         logits.iter_mut().for_each(|x| *x *= inv_t);
@@ -244,7 +351,7 @@ pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -
         // Every token is a candidate: weights `e^(x − max)` in place, vectorised.
         let max = rlhf_ops::simd::max_f32(logits);
         let z = rlhf_ops::simd::exp_shift_in_place_f32(logits, max);
-        return draw(logits.iter().map(|&w| w as f64), z, rng, |k| k as u32);
+        return draw(logits.iter().map(|&w| w as f64), z, u, |k| k as u32);
     }
     let max = order
         .iter()
@@ -252,13 +359,13 @@ pub fn sample(logits: &mut [f32], cfg: &GenerationConfig, rng: &mut RngStream) -
         .fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = order.iter().map(|&i| (logits[i as usize] as f64 - max).exp()).collect();
     let z: f64 = weights.iter().sum();
-    draw(weights.iter().copied(), z, rng, |k| order[k])
+    draw(weights.iter().copied(), z, u, |k| order[k])
 }
 
 /// Inverse-CDF draw: the first candidate whose cumulative weight exceeds `u · z`, `u`
 /// uniform in `[0, 1)`; `id(k)` maps the `k`-th weight to its token.
-fn draw(weights: impl Iterator<Item = f64>, z: f64, rng: &mut RngStream, id: impl Fn(usize) -> u32) -> u32 {
-    let mut u = rng.uniform_f64() * z;
+fn draw(weights: impl Iterator<Item = f64>, z: f64, u: f64, id: impl Fn(usize) -> u32) -> u32 {
+    let mut u = u * z;
     let mut last = 0;
     for (k, w) in weights.enumerate() {
         if u < w {

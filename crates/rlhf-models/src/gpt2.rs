@@ -111,6 +111,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     fn forward(&self, x: &Tensor, fwd: &Fwd) -> Result<Tensor> {
         let (g, a) = (fwd.grad, fwd.adapters);
         Ok(layer_norm(
@@ -532,7 +537,7 @@ impl Gpt2 {
     }
 
     /// The factor of the attention scores of layer `layer` (0-based).
-    fn attention_scale(&self, layer: usize) -> f64 {
+    pub(crate) fn attention_scale(&self, layer: usize) -> f64 {
         let mut scale = 1.0;
         if self.cfg.scale_attn_weights {
             scale /= (self.cfg.head_dim() as f64).sqrt();

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod gpt2;
@@ -17,8 +18,9 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::Gpt2Config;
+pub use decode::Decoder;
 pub use error::{ModelError, Result};
-pub use generate::{generate, Generation, GenerationConfig};
+pub use generate::{generate, generate_composed, Generation, GenerationConfig};
 pub use gpt2::{Fwd, Gpt2};
 pub use heads::{ScoreHead, ValueHead};
 pub use model::{LoadOptions, Model};

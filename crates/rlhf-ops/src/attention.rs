@@ -148,6 +148,79 @@ fn probs_row<'a>(q: &[f32], k_rows: impl Fn(usize) -> &'a [f32], i: usize, scale
     p[..=i].iter_mut().for_each(|x| *x *= inv);
 }
 
+/// Keys scored per block (one register of f32 lanes) and value components per block (four
+/// registers), in [`cached_attention_row`].
+const KEY_BLOCK: usize = 16;
+/// Keys per block of the key cache that [`cached_attention_row`] reads.
+pub const CACHED_KEY_BLOCK: usize = KEY_BLOCK;
+const VALUE_BLOCK: usize = 64;
+
+/// Attention of one query over `len` cached positions; see [`cached_attention_row`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cached_row_imp(q: &[f32], kt: &[f32], v: &[f32], len: usize, scale: f32, p: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    out.iter_mut().for_each(|x| *x = 0.0);
+    if len == 0 {
+        return;
+    }
+    // Scores, a block of keys at a time with the block's sums in registers; the block's
+    // keys are stored component-major, so it is one contiguous read.
+    let blocks = len.div_ceil(KEY_BLOCK);
+    let s = &mut p[..blocks * KEY_BLOCK];
+    for (sb, kb) in s.chunks_exact_mut(KEY_BLOCK).zip(kt.chunks_exact(d * KEY_BLOCK)) {
+        let mut acc = [0f32; KEY_BLOCK];
+        for (&qc, kc) in q.iter().zip(kb.chunks_exact(KEY_BLOCK)) {
+            for i in 0..KEY_BLOCK {
+                acc[i] = qc.mul_add(kc[i], acc[i]);
+            }
+        }
+        for (x, a) in sb.iter_mut().zip(acc) {
+            *x = a * scale;
+        }
+    }
+    let s = &mut s[..len];
+    let m = crate::simd::max_f32_imp(s);
+    let z = crate::simd::exp_shift_in_place_f32_imp(s, m);
+    let inv = (1.0 / z) as f32;
+    // Weighted values, a block of components at a time with the block in registers.
+    for (b, ob) in out.chunks_mut(VALUE_BLOCK).enumerate() {
+        let c0 = b * VALUE_BLOCK;
+        let mut acc = [0f32; VALUE_BLOCK];
+        if ob.len() == VALUE_BLOCK {
+            for (j, &e) in s.iter().enumerate() {
+                let (pj, vj) = (e * inv, &v[j * d + c0..j * d + c0 + VALUE_BLOCK]);
+                for i in 0..VALUE_BLOCK {
+                    acc[i] = pj.mul_add(vj[i], acc[i]);
+                }
+            }
+        } else {
+            for (j, &e) in s.iter().enumerate() {
+                let (pj, vj) = (e * inv, &v[j * d + c0..j * d + c0 + ob.len()]);
+                for (a, &x) in acc.iter_mut().zip(vj) {
+                    *a = pj.mul_add(x, *a);
+                }
+            }
+        }
+        ob.copy_from_slice(&acc[..ob.len()]);
+    }
+}
+
+dispatched! {
+    /// One query of incremental decoding against a KV cache:
+    /// `out = softmax(q·Kᵀ · scale) V` over the first `len` cached positions (the query's own
+    /// key and value already appended).
+    ///
+    /// The keys are stored in blocks of [`CACHED_KEY_BLOCK`] keys, each block
+    /// component-major: component `c` of key `j` at
+    /// `kt[(j / 16)·16·d + c·16 + j % 16]`, `d = q.len()`, so one block's scores are one
+    /// contiguous read with the sums in registers. `kt` holds whole blocks
+    /// (`ceil(len / 16)·16·d` elements; keys past `len` are scored and ignored). Value `j`
+    /// is row `j` of `v` (rows of `d`). `p` is scratch of at least `ceil(len / 16)·16`
+    /// elements; `out` has `d`.
+    pub fn cached_attention_row(q: &[f32], kt: &[f32], v: &[f32], len: usize, scale: f32, p: &mut [f32], out: &mut [f32]) = cached_row_imp;
+}
+
 /// One `(sequence, head)` of the input: rows `r0..r0+t` of `qkv` (row stride `3h`), the
 /// head's columns from `c` (width `d`) in each of the q, k, v parts.
 struct Task<'a> {
@@ -425,5 +498,45 @@ mod tests {
         };
         let err = packed_causal_attention(&x, cfg).unwrap_err().to_string();
         assert!(err.contains("2 sequences of 4 tokens"), "{err}");
+    }
+
+    #[test]
+    fn cached_attention_row_matches_the_f64_softmax() {
+        let (d, cap) = (24, 48);
+        let mut rng = RngStream::new(17);
+        let mut u = |n: usize| -> Vec<f32> { rng.uniform_vec(n).into_iter().map(|x| 3.0 * x - 1.5).collect() };
+        let (q, keys, v) = (u(d), u(cap * d), u(cap * d));
+        // Keys in blocks of 16, component-major (cap is a multiple of 16).
+        let mut kt = vec![f32::NAN; d * cap];
+        for j in 0..cap {
+            for c in 0..d {
+                kt[(j / 16) * 16 * d + c * 16 + j % 16] = keys[j * d + c];
+            }
+        }
+        let scale = 0.3f32;
+        for len in [1usize, 2, 15, 16, 17, 40, 48] {
+            let mut p = vec![0f32; cap];
+            let mut out = vec![f32::NAN; d];
+            // Keys past `len` in the last block are read and ignored: make them large.
+            let mut kt = kt.clone();
+            for j in len..len.div_ceil(16) * 16 {
+                (0..d).for_each(|c| kt[(j / 16) * 16 * d + c * 16 + j % 16] = 1e30);
+            }
+            cached_attention_row(&q, &kt, &v[..len * d], len, scale, &mut p, &mut out);
+            let s: Vec<f64> = (0..len)
+                .map(|j| (0..d).map(|c| q[c] as f64 * keys[j * d + c] as f64).sum::<f64>() * scale as f64)
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for c in 0..d {
+                let want: f64 = (0..len).map(|j| e[j] / z * v[j * d + c] as f64).sum();
+                assert!(
+                    (out[c] as f64 - want).abs() < 1e-5,
+                    "len {len} c {c}: {} vs {want}",
+                    out[c]
+                );
+            }
+        }
     }
 }

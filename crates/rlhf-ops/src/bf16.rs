@@ -120,7 +120,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// Checks that every element of a `rows × cols` view lies in `data`.
-    fn check(&self, name: &'static str, rows: usize, cols: usize) -> Result<(), GemmError> {
+    pub(crate) fn check(&self, name: &'static str, rows: usize, cols: usize) -> Result<(), GemmError> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bf16;
 pub mod kernels;
 pub mod nn;
+pub mod packed;
 pub mod ppo;
 pub mod precision;
 pub mod rng;
