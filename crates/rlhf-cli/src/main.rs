@@ -81,6 +81,20 @@ fn keep_freed_memory() {
     }
 }
 
+/// Runs the command on a worker of rayon's global pool (one thread per core), not on the
+/// main thread. A training or decoding step runs hundreds of short parallel loops; forked
+/// from a worker, each is shared with the other workers by work stealing, while from the
+/// main thread each would be handed over to the pool and waited for (two thread switches
+/// per loop: `reward-tiny` 0.031–0.034 → 0.026–0.031 s, `ppo-tiny` 1.57–1.60 → 1.26–1.39 s).
+/// The workers get the main thread's stack size or more (candle walks the autograd graph
+/// recursively).
+fn on_the_pool<R: Send>(run: impl FnOnce() -> R + Send) -> R {
+    // Fails only if the pool was built already (nothing has used rayon yet); the default pool
+    // then serves.
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build_global();
+    rayon::scope(|_| run())
+}
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
     single_thread_pool();
@@ -93,7 +107,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let result = match cli.command {
+    let run = move || match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
@@ -104,6 +118,7 @@ fn main() -> std::process::ExitCode {
         Command::Plot(a) => plot::run(a),
         Command::Quickstart(a) => quickstart::run(a),
     };
+    let result = on_the_pool(run);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

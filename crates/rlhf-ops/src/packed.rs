@@ -32,7 +32,7 @@ mod tests;
 
 use rayon::prelude::*;
 
-use crate::bf16::{to_bf16_bits, GemmError, MatRef};
+use crate::bf16::{GemmError, MatRef};
 
 /// Columns per panel (two 16-lane registers).
 pub const NR: usize = 32;
@@ -184,24 +184,27 @@ impl PackedMatrix {
     /// `s·r + i` (an f32, or a bf16 pair along `k`).
     fn pack_a(&self, a: MatRef, tiles: &[(usize, usize)]) -> Vec<u32> {
         let steps = self.steps();
-        let mut out = Vec::with_capacity(tiles.iter().map(|&(_, r)| r * steps).sum());
+        let mut out = vec![0u32; tiles.iter().map(|&(_, r)| r * steps).sum()];
+        let mut base = 0;
         for &(i0, r) in tiles {
-            for s in 0..steps {
-                for i in i0..i0 + r {
-                    let x = |t: usize| a.data[i * a.row_stride + t * a.col_stride];
-                    out.push(match self.format {
-                        PackedFormat::F32 => x(s).to_bits(),
-                        PackedFormat::Bf16 => {
-                            let hi = if 2 * s + 1 < self.k {
-                                to_bf16_bits(x(2 * s + 1))
-                            } else {
-                                0
-                            };
-                            u32::from(to_bf16_bits(x(2 * s))) | (u32::from(hi) << 16)
-                        }
-                    });
+            let tile = &mut out[base..base + r * steps];
+            for i in 0..r {
+                let row = (i0 + i) * a.row_stride;
+                if a.col_stride == 1 {
+                    let x = &a.data[row..row + self.k];
+                    match self.format {
+                        PackedFormat::F32 => pack_row_f32(x, r, &mut tile[i..]),
+                        PackedFormat::Bf16 => pack_row_bf16(x, r, &mut tile[i..]),
+                    }
+                } else {
+                    let x: Vec<f32> = (0..self.k).map(|t| a.data[row + t * a.col_stride]).collect();
+                    match self.format {
+                        PackedFormat::F32 => pack_row_f32(&x, r, &mut tile[i..]),
+                        PackedFormat::Bf16 => pack_row_bf16(&x, r, &mut tile[i..]),
+                    }
                 }
             }
+            base += r * steps;
         }
         out
     }
@@ -266,7 +269,7 @@ fn row_tiles(m: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// [`to_bf16_bits`] without a branch (NaN by a select), so that loops over it vectorise.
+/// [`crate::bf16::to_bf16_bits`] without a branch (NaN by a select), so that loops over it vectorise.
 #[inline(always)]
 fn bf16_bits(x: f32) -> u32 {
     let b = x.to_bits();
@@ -290,6 +293,27 @@ fn pair_rows_imp(lo: &[f32], hi: &[f32], out: &mut [u32]) {
 crate::simd::dispatched! {
     /// Packs two rows of `k` into bf16 pair words.
     fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_rows_imp;
+}
+
+/// One row of A into its tile: step `s` at `out[s·r]`.
+fn pack_row_f32(x: &[f32], r: usize, out: &mut [u32]) {
+    for (s, &v) in x.iter().enumerate() {
+        out[s * r] = v.to_bits();
+    }
+}
+
+/// One row of A into its tile as bf16 pairs: pair `s` at `out[s·r]` (an odd last `k` pairs
+/// with zero).
+fn pack_row_bf16(x: &[f32], r: usize, out: &mut [u32]) {
+    let pairs = x.chunks_exact(2);
+    let last = pairs.remainder().first().map(|&v| bf16_bits(v));
+    let full = x.len() / 2;
+    for (s, p) in pairs.enumerate() {
+        out[s * r] = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+    }
+    if let Some(lo) = last {
+        out[full * r] = lo;
+    }
 }
 
 /// Packs one f32 panel from columns `j0..j0 + w` of `b` (zero-padded to [`NR`]).

@@ -1,5 +1,5 @@
 use super::*;
-use crate::bf16::bf16_round;
+use crate::bf16::{bf16_round, to_bf16_bits};
 use crate::rng::RngStream;
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
