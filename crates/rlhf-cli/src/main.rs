@@ -78,6 +78,10 @@ fn keep_freed_memory() {
         // -1: never trim (mallopt(3)).
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        // One arena: the command runs on a rayon worker, and glibc gives other threads
+        // arenas of 64 MiB heaps that cannot hold a step's larger blocks, which would then be
+        // mapped and unmapped (page faults, TLB shootdowns) on every step.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
