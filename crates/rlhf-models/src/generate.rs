@@ -100,19 +100,17 @@ pub struct Generation {
 /// the same logits up to the order of f32 sums.
 pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng: &mut RngStream) -> Result<Generation> {
     check(model, prompts, cfg)?;
-    let b = prompts.len();
-    if b == 0 {
-        return Ok(Generation {
-            prompt_ids: vec![],
-            response_ids: vec![],
-        });
-    }
     let format = match rlhf_ops::precision::matmul_precision() {
         MatmulPrecision::Bf16 => PackedFormat::Bf16,
         MatmulPrecision::Highest => PackedFormat::F32,
     };
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let Some(mut dec) = Decoder::new(model, b, max_len + cfg.max_new_tokens, format)? else {
+    // An empty batch has nothing to pack: the composed path returns it as it is.
+    let decoder = match prompts.is_empty() {
+        true => None,
+        false => Decoder::new(model, prompts.len(), max_len + cfg.max_new_tokens, format)?,
+    };
+    let Some(mut dec) = decoder else {
         return generate_composed(model, prompts, cfg, rng);
     };
     // The loop runs on a worker of the rayon pool, so that the step's many short parallel

@@ -48,7 +48,7 @@ fn round_hi(x: __m512i) -> __m512i {
 
 /// The first `n` lanes (of 16) set.
 #[inline]
-fn lanes(n: usize) -> __mmask16 {
+pub(crate) fn lanes(n: usize) -> __mmask16 {
     if n >= 16 {
         0xFFFF
     } else {

@@ -4,16 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::{Tile, NR};
-
-/// The first `n` lanes (of 16) set.
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    if n >= 16 {
-        0xFFFF
-    } else {
-        ((1u32 << n) - 1) as __mmask16
-    }
-}
+use crate::bf16::avx512::lanes;
 
 /// How far ahead of the current step the panel is prefetched, in words: 8 KiB, 64 steps
 /// (the panels stream from memory once per product; prefetching hid a few per cent of a
