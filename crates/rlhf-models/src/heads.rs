@@ -54,7 +54,7 @@ impl ValueHead {
 }
 
 /// The score head of `GPT2ForSequenceClassification`: `Linear(H, num_labels, bias=False)`
-/// read at the last real token of each row.
+/// read at the rightmost token of each row that is not padding ([`pooled_index`]).
 #[derive(Clone, Debug)]
 pub struct ScoreHead {
     /// `(num_labels, H)`.
@@ -70,14 +70,15 @@ impl ScoreHead {
         })
     }
 
-    /// Scores read at the last position whose attention mask is 1 — never by comparing ids
-    /// with the pad id, since GPT-2 pads with EOS. Left and right padding give the same
-    /// scores. A row with no real token is an error.
+    /// Scores read where transformers 5.x reads them: at the rightmost token of each row
+    /// whose id is not `pad_token_id` (ids, not the attention mask), see [`pooled_index`].
+    /// With pad = EOS a trailing EOS is therefore not the scored token. Left and right
+    /// padding give the same scores (positions come from the attention mask).
     ///
     /// # Shapes
-    /// `hidden`: `(B, T, H)`, `mask`: `(B, T)` → `(B, num_labels)`, f32.
-    pub fn forward(&self, hidden: &Tensor, mask: &Tensor, grad: bool) -> Result<Tensor> {
-        self.forward_with(hidden, mask, grad, true)
+    /// `hidden`: `(B, T, H)`, `ids`: `(B, T)` → `(B, num_labels)`, f32.
+    pub fn forward(&self, hidden: &Tensor, ids: &Tensor, pad_token_id: Option<u32>, grad: bool) -> Result<Tensor> {
+        self.forward_with(hidden, ids, pad_token_id, grad, true)
     }
 
     /// [`ScoreHead::forward`] with adapters on or off: with `adapters` false a head trained
@@ -85,11 +86,36 @@ impl ScoreHead {
     /// `disable_adapter()` on `ModulesToSaveWrapper`).
     ///
     /// # Shapes
-    /// `hidden`: `(B, T, H)`, `mask`: `(B, T)` → `(B, num_labels)`, f32.
-    pub fn forward_with(&self, hidden: &Tensor, mask: &Tensor, grad: bool, adapters: bool) -> Result<Tensor> {
+    /// `hidden`: `(B, T, H)`, `ids`: `(B, T)` → `(B, num_labels)`, f32.
+    pub fn forward_with(
+        &self,
+        hidden: &Tensor,
+        ids: &Tensor,
+        pad_token_id: Option<u32>,
+        grad: bool,
+        adapters: bool,
+    ) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        let idx = last_real_index(mask)?;
-        let flat: Vec<u32> = idx.iter().enumerate().map(|(row, &i)| (row * t + i) as u32).collect();
+        let rows: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        if rows.len() != b || rows.first().map_or(0, Vec::len) != t {
+            return Err(ModelError::Input(format!(
+                "ids have shape ({}, {}) but the hidden states are ({b}, {t}, {h})",
+                rows.len(),
+                rows.first().map_or(0, Vec::len)
+            )));
+        }
+        if pad_token_id.is_none() && b > 1 {
+            return Err(ModelError::Input(
+                "cannot score a padded batch of several rows without a pad token id: the scored token is the \
+                 rightmost one that is not padding\nhint: set pad_token_id in config.json (TRL uses the EOS id)"
+                    .into(),
+            ));
+        }
+        let flat: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(row, ids)| (row * t + pooled_index(ids, pad_token_id)) as u32)
+            .collect();
         let flat = Tensor::from_vec(flat, b, hidden.device())?;
         let pooled = hidden.reshape((b * t, h))?.index_select(&flat, 0)?;
         self.forward_rows(&pooled, grad, adapters)
@@ -115,18 +141,13 @@ fn head_dtype(hidden: &Tensor) -> DType {
     }
 }
 
-/// Index of the last position with mask 1 in every row.
-///
-/// # Shapes
-/// `mask`: `(B, T)` → `B` indices.
-pub fn last_real_index(mask: &Tensor) -> Result<Vec<usize>> {
-    let rows: Vec<Vec<u32>> = mask.to_dtype(DType::U32)?.to_vec2()?;
-    rows.iter()
-        .enumerate()
-        .map(|(r, row)| {
-            row.iter().rposition(|&m| m != 0).ok_or_else(|| {
-                ModelError::Input(format!("row {r} of the batch has no real token (attention mask all 0)"))
-            })
-        })
-        .collect()
+/// The position a sequence-classification head reads in one row of ids, as transformers
+/// 5.x (and every `*ForSequenceClassification` since 4.46) pools: the rightmost token whose
+/// id is not `pad_token_id`; 0 when every token is padding (their `argmax` over a zero
+/// vector); the last token when there is no pad id.
+pub fn pooled_index(ids: &[u32], pad_token_id: Option<u32>) -> usize {
+    match pad_token_id {
+        Some(pad) => ids.iter().rposition(|&id| id != pad).unwrap_or(0),
+        None => ids.len().saturating_sub(1),
+    }
 }

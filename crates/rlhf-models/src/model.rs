@@ -227,14 +227,26 @@ impl Model {
         self.gpt2.lm_logits(&hidden, fwd.grad)
     }
 
-    /// Backbone forward then the score head at each row's last real token.
+    /// The pad id a score head pools by ([`crate::heads::pooled_index`]) and batches are
+    /// padded with: `pad_token_id` from the config, else the tokenizer's pad token, else EOS
+    /// (what TRL's trainers set, and what [`Model::save`] writes into `config.json`).
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.cfg()
+            .pad_token_id
+            .or_else(|| self.tokenizer.as_ref().map(|t| t.pad_token_id))
+            .or(self.cfg().eos_token_id)
+    }
+
+    /// Backbone forward then the score head at each row's rightmost token that is not
+    /// padding (transformers 5.x's pooling; see [`crate::heads::pooled_index`]). Pad the
+    /// batch with [`Model::pad_token_id`].
     ///
     /// # Shapes
     /// `ids`, `mask`: `(B, T)` → `(B, num_labels)`.
     pub fn scores(&self, ids: &Tensor, mask: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         let head = self.score_head()?;
         let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
-        head.forward_with(&hidden, mask, fwd.grad, fwd.adapters)
+        head.forward_with(&hidden, ids, self.pad_token_id(), fwd.grad, fwd.adapters)
     }
 
     fn score_head(&self) -> Result<&ScoreHead> {
@@ -248,23 +260,23 @@ impl Model {
     }
 
     /// [`Model::scores`] of unpadded sequences, run packed ([`Gpt2::forward_packed`]): the
-    /// same scores as the padded batch (each sequence is read at its last token), with the
-    /// position-wise work done on real tokens only.
+    /// same scores as the padded batch (each sequence is read at its rightmost token that is
+    /// not padding), with the position-wise work done on real tokens only.
     ///
     /// # Shapes
     /// `seqs`: `B` sequences → `(B, num_labels)`, f32.
     pub fn scores_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
         let head = self.score_head()?;
         let hidden = self.gpt2.forward_packed(seqs, fwd)?;
-        let last: Vec<u32> = seqs
-            .iter()
-            .scan(0usize, |end, s| {
-                *end += s.len();
-                Some((*end - 1) as u32)
-            })
-            .collect();
-        let last = Tensor::from_vec(last, seqs.len(), hidden.device())?;
-        head.forward_rows(&hidden.index_select(&last, 0)?, fwd.grad, fwd.adapters)
+        let pad = self.pad_token_id();
+        let mut start = 0usize;
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            rows.push((start + crate::heads::pooled_index(s, pad)) as u32);
+            start += s.len();
+        }
+        let rows = Tensor::from_vec(rows, seqs.len(), hidden.device())?;
+        head.forward_rows(&hidden.index_select(&rows, 0)?, fwd.grad, fwd.adapters)
     }
 
     /// Every weight under its checkpoint name (`transformer.` prefix for the backbone, as
@@ -325,9 +337,8 @@ impl Model {
             .collect();
         save_safetensors(&tensors, &dir.join("model.safetensors"))?;
         let mut cfg = self.gpt2.cfg.clone();
-        if self.score_head.is_some() && cfg.pad_token_id.is_none() {
-            cfg.pad_token_id = self.tokenizer.as_ref().map(|t| t.pad_token_id).or(cfg.eos_token_id);
-        }
+        // The pad id the score was pooled by, so that transformers pools the same token.
+        cfg.pad_token_id = self.pad_token_id();
         write_json(&dir.join("config.json"), &cfg.to_json(self.architecture()))?;
         let gen = serde_json::json!({
             "bos_token_id": cfg.bos_token_id,

@@ -34,7 +34,7 @@ fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor
         .score_head
         .as_ref()
         .unwrap()
-        .forward(&hidden, mask, grad)
+        .forward(&hidden, ids, model.pad_token_id(), grad)
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap();

@@ -258,7 +258,7 @@ fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor
     let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
     let logits = model.gpt2.lm_logits(&hidden, grad).unwrap();
     let values = model.value_head.as_ref().unwrap().forward(&hidden, &mut fwd).unwrap();
-    let scores = model.score_head.as_ref().unwrap().forward(&hidden, mask, grad).unwrap();
+    let scores = model.score_head.as_ref().unwrap().forward(&hidden, ids, model.pad_token_id(), grad).unwrap();
     let n = logits.elem_count();
     let w: Vec<f64> = (0..n).map(|i| ((i * 7919 % 97) as f64 / 97.0) - 0.5).collect();
     let w = Tensor::from_vec(w, logits.shape(), &Device::Cpu).unwrap();

@@ -10,6 +10,8 @@ use rlhf_peft::Param;
 fn model_in(dtype: DType) -> Model {
     let mut cfg = Gpt2Config::new(2, 2, 8, 16, 11);
     cfg.disable_dropout();
+    // The padded batch is filled with id 10, the id the score head pools around.
+    cfg.pad_token_id = Some(10);
     let mut model = Model::random(cfg, 3, dtype, &Device::Cpu).unwrap();
     model.ensure_score_head(5).unwrap();
     let s = model.score_head.as_mut().unwrap();

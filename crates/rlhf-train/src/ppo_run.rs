@@ -380,7 +380,7 @@ pub fn score_texts(rm: &Model, batch: &[&(String, Vec<u32>)], responses: &[Strin
         ids.truncate(rm.cfg().n_positions);
         seqs.push(ids);
     }
-    let pad_id = rm.tokenizer()?.pad_token_id;
+    let pad_id = rm.pad_token_id().unwrap_or(rm.tokenizer()?.pad_token_id);
     let mut out = Vec::with_capacity(seqs.len());
     for c in seqs.chunks(chunk.max(1)) {
         let (ids, mask) = crate::collate::pad(c, pad_id, crate::collate::PadSide::Right, rm.gpt2.device())?;

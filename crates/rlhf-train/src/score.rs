@@ -93,7 +93,7 @@ pub fn score_rows(model: &Model, rows: &Rows, batch_size: usize) -> Result<Vec<S
             seqs.push(ids);
         }
     }
-    let pad_id = model.tokenizer()?.pad_token_id;
+    let pad_id = model.pad_token_id().unwrap_or(model.tokenizer()?.pad_token_id);
     let device = model.gpt2.device();
     let mut rewards = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch_size.max(1)) {
