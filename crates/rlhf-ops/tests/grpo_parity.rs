@@ -33,8 +33,8 @@ fn completions(fx: &Value) -> Completions {
         .into_iter()
         .map(|row| row[width..].to_vec())
         .collect();
-    let (eos, pad) = eos_and_pad(fx);
-    Completions::from_ids(&generated, &[eos], pad).expect("completion ids")
+    let (eos, pad) = eos_and_pad(fx, batch);
+    Completions::from_ids(&generated, &eos, pad).expect("completion ids")
 }
 
 /// The generation-time metrics: lengths and rewards.
@@ -219,9 +219,6 @@ fn every_loss_case_matches_trl() {
         checked += 1;
     }
     assert_eq!(checked, cases.len());
-    eprintln!(
-        "grpo: {} cases, worst loss error {worst_loss:.1e} (relative, or absolute / 1e-2 near 0)",
-        checked
-    );
+    eprintln!("grpo: {checked} cases, worst loss error {worst_loss:.1e} (relative; absolute / 1e-2 near 0)");
     assert!(checked > 0, "no loss cases in grpo.json");
 }

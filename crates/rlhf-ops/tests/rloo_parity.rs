@@ -48,7 +48,6 @@ fn entropy_from_grpo(grpo: &Value, batch: &Value, temperature: f64, mtc: bool, c
 fn every_rloo_case_matches_trl() {
     let fx = load("rloo");
     let grpo = load("grpo");
-    let (eos, pad) = eos_and_pad(&fx);
     let cases = fx["cases"].as_array().expect("cases");
     let mut worst_loss = 0f64;
     let (mut checked, mut entropy_checked) = (0, 0);
@@ -67,7 +66,8 @@ fn every_rloo_case_matches_trl() {
         let mtc = c["mask_truncated_completions"].as_bool().unwrap();
 
         // Masks from the completion ids.
-        let completions = Completions::from_ids(&ids(&batch["completion_ids"]), &[eos], pad).unwrap();
+        let (eos, pad) = eos_and_pad(&fx, batch);
+        let completions = Completions::from_ids(&ids(&batch["completion_ids"]), &eos, pad).unwrap();
         let want_mask = rows(&batch["completion_mask"]);
         let got_mask: Vec<Vec<f64>> = completions
             .mask_rows(mtc)
@@ -177,10 +177,7 @@ fn every_rloo_case_matches_trl() {
         checked += 1;
     }
     assert_eq!(checked, cases.len());
-    eprintln!(
-        "rloo: {} cases, worst loss error {worst_loss:.1e} (relative, or absolute / 1e-2 near 0)",
-        checked
-    );
+    eprintln!("rloo: {checked} cases, worst loss error {worst_loss:.1e} (relative; absolute / 1e-2 near 0)");
     assert!(checked > 0, "no cases in rloo.json");
     eprintln!("rloo: entropy metric (from grpo.json) checked in {entropy_checked} cases");
 }

@@ -69,19 +69,57 @@ pub fn tensor(v: &Value, dtype: DType) -> Tensor {
     t.and_then(|t| t.to_dtype(dtype)).expect("fixture tensor")
 }
 
-/// The EOS and pad ids of the fixture's model (`meta.model`'s `config.json`; pad falls
-/// back to EOS as in TRL).
-pub fn eos_and_pad(fixture: &Value) -> (u32, u32) {
-    let model = fixture["meta"]["model"].as_str().expect("meta.model");
-    let path = repo().join(model).join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let cfg: Value = serde_json::from_str(&text).expect("config.json");
-    let first = |v: &Value| {
-        v.as_u64()
-            .or_else(|| v.as_array().and_then(|a| a.first()).and_then(Value::as_u64))
-    };
-    let eos = first(&cfg["eos_token_id"]).expect("eos_token_id") as u32;
-    let pad = first(&cfg["pad_token_id"]).map_or(eos, |p| p as u32);
+/// A JSON file of the fixture's model directory (`meta.model`), if it is there.
+pub fn model_file(fixture: &Value, name: &str) -> Option<Value> {
+    let model = fixture["meta"]["model"].as_str()?;
+    let text = std::fs::read_to_string(repo().join(model).join(name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// An id or a list of ids.
+fn id_list(v: &Value) -> Vec<u32> {
+    match v {
+        Value::Array(items) => items.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+    }
+}
+
+/// The EOS ids and the pad id TRL used: from the model's `config.json` and
+/// `generation_config.json` (pad falls back to the first EOS, as in TRL); without the
+/// model directory, read off the batch itself (the left-padding value of the prompts, and
+/// the token that ends each completion whose mask stops early).
+pub fn eos_and_pad(fixture: &Value, batch: &Value) -> (Vec<u32>, u32) {
+    let mut eos = Vec::new();
+    let mut pad = None;
+    for name in ["config.json", "generation_config.json"] {
+        if let Some(cfg) = model_file(fixture, name) {
+            for id in id_list(&cfg["eos_token_id"]) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+            pad = pad.or_else(|| id_list(&cfg["pad_token_id"]).first().copied());
+        }
+    }
+    if eos.is_empty() {
+        let completion = ids(&batch["completion_ids"]);
+        for (row, mask) in completion.iter().zip(rows(&batch["completion_mask"])) {
+            let kept = mask.iter().filter(|&&m| m != 0.0).count();
+            if kept > 0 && kept < mask.len() && !eos.contains(&row[kept - 1]) {
+                eos.push(row[kept - 1]);
+            }
+        }
+        let prompt = ids(&batch["prompt_ids"]);
+        pad = prompt
+            .iter()
+            .zip(rows(&batch["prompt_mask"]))
+            .find_map(|(p, m)| m.iter().position(|&x| x == 0.0).map(|i| p[i]));
+    }
+    assert!(
+        !eos.is_empty(),
+        "no EOS id: neither the model directory nor the batch gives one"
+    );
+    let pad = pad.unwrap_or(eos[0]);
     (eos, pad)
 }
 
