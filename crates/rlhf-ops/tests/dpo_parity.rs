@@ -3,11 +3,11 @@
 //! Expected numbers: `fixtures/algorithms/dpo.json` (made by `algo_fixtures.py`, trl
 //! 1.16.0, float32, CPU; README next to it). Checked: the EOS appended as text, the
 //! prompt/completion split, the collator's batches for every `max_length` /
-//! `truncation_mode` (exact), the summed log-probs (1e-4), and for **every case** (bar options `rl::dpo` does not
-//! implement, see `unsupported`; none in the public file) the loss
-//! (1e-4 relative, 1e-6 absolute) and the logged metrics (1e-4 relative; counts exactly).
-//! `entropy` and `mean_token_accuracy` need the model's per-token entropy and argmax,
-//! which the file does not dump; their formulas are unit-tested in `rl::dpo`.
+//! `truncation_mode` (exact), the summed log-probs (1e-4), and for **every case** (bar
+//! options `rl::dpo` does not implement, see `unsupported`; none in the public file) the
+//! loss (1e-4 relative, 1e-6 absolute) and the logged metrics (1e-4 relative; counts
+//! exactly). `entropy` and `mean_token_accuracy` need the model's per-token entropy and
+//! argmax, which the file does not dump; their formulas are unit-tested in `rl::dpo`.
 
 mod rl_fixture;
 

@@ -4,8 +4,9 @@
 //! 1.16.0, torch 2.15.0, float32, CPU) from the trainer's own methods; the README next to
 //! it defines every field. Every case in the file is checked (a case setting an option
 //! `rl::grpo` does not implement, see `unsupported`, is counted as skipped; the public file
-//! has none), from the dumped per-token log-probs: the loss (1e-4 relative, 1e-6 absolute near 0) and every logged metric
-//! (1e-4 relative; counts exactly). Advantages to 1e-5 absolute, rewards and stds to 1e-6.
+//! has none), from the dumped per-token log-probs: the loss (1e-4 relative, 1e-6 absolute
+//! near 0) and every logged metric (1e-4 relative; counts exactly). Advantages to 1e-5
+//! absolute, rewards and stds to 1e-6.
 
 mod rl_fixture;
 
