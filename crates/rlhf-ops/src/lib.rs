@@ -12,6 +12,7 @@ pub mod nn;
 pub mod packed;
 pub mod ppo;
 pub mod precision;
+pub mod rl;
 pub mod rng;
 pub mod simd;
 pub mod sink;
