@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_models::{generate, GenerationConfig, Gpt2Config, Model};
+use rlhf_models::{GenerationConfig, Model, ModelConfig};
 use rlhf_ops::rng::RngStream;
 use serde_json::json;
 
@@ -30,6 +30,34 @@ pub enum Workload {
     PpoSmallLoraInt8,
     /// 16 prompts × 64 sampled tokens with the KV cache, GPT-2-small shape.
     GenerateSmall,
+    /// 16 prompts × 64 sampled tokens, SmolLM2-135M shape (Llama, GQA, tied).
+    GenerateSmollm,
+    /// 8 prompts × 64 sampled tokens, Qwen2.5-0.5B shape (q/k/v biases, GQA, tied).
+    #[value(name = "generate-qwen-0.5b")]
+    GenerateQwen05b,
+    /// One reward-model step on 8 pairs (max_length 128), SmolLM2-135M shape + score head.
+    RewardSmollm,
+}
+
+/// The SmolLM2-135M shape (`WORKLOADS.md`): Llama, hidden 576, 30 layers, 9 heads, 3 kv
+/// heads, intermediate 1536, RMSNorm eps 1e-5, rope_theta 1e5, tied, GPT-2 vocabulary.
+pub fn smollm_shape() -> anyhow::Result<ModelConfig> {
+    let mut c = ModelConfig::llama_family(rlhf_models::Family::Llama, 576, 1536, 30, 9, 3, 50257, 1e5)?;
+    c.tie_word_embeddings = true;
+    c.norm_eps = 1e-5;
+    c.eos_token_id = vec![50256];
+    Ok(c)
+}
+
+/// The Qwen2.5-0.5B shape (`WORKLOADS.md`): Qwen2, hidden 896, 24 layers, 14 heads, 2 kv
+/// heads, intermediate 4864, q/k/v biases, RMSNorm eps 1e-6, rope_theta 1e6, tied, vocab
+/// 151,936.
+pub fn qwen05b_shape() -> anyhow::Result<ModelConfig> {
+    let mut c = ModelConfig::llama_family(rlhf_models::Family::Qwen2, 896, 4864, 24, 14, 2, 151_936, 1e6)?;
+    c.tie_word_embeddings = true;
+    c.norm_eps = 1e-6;
+    c.eos_token_id = vec![50256];
+    Ok(c)
 }
 
 /// Arguments of `rlhf bench`.
@@ -61,18 +89,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     match a.workload {
         Workload::Gemm => gemm(a.steps.unwrap_or(10)),
-        Workload::GenerateSmall => generate_small(a.steps.unwrap_or(5)),
-        Workload::PpoTiny => ppo("ppo-tiny", Gpt2Config::tiny(), Adapt::Full, a.steps.unwrap_or(5)),
-        Workload::PpoSmall => ppo("ppo-small", Gpt2Config::small(), Adapt::Full, a.steps.unwrap_or(3)),
-        Workload::PpoTinyLora => ppo("ppo-tiny-lora", Gpt2Config::tiny(), Adapt::Lora, a.steps.unwrap_or(5)),
+        Workload::GenerateSmall => generate("generate-small", ModelConfig::gpt2_small(), 16, 1, a.steps.unwrap_or(5)),
+        Workload::GenerateSmollm => generate("generate-smollm", smollm_shape()?, 16, 1, a.steps.unwrap_or(3)),
+        Workload::GenerateQwen05b => generate("generate-qwen-0.5b", qwen05b_shape()?, 8, 1, a.steps.unwrap_or(2)),
+        Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, 1, a.steps.unwrap_or(3)),
+        Workload::PpoTiny => ppo("ppo-tiny", ModelConfig::gpt2_tiny(), Adapt::Full, a.steps.unwrap_or(5)),
+        Workload::PpoSmall => ppo(
+            "ppo-small",
+            ModelConfig::gpt2_small(),
+            Adapt::Full,
+            a.steps.unwrap_or(3),
+        ),
+        Workload::PpoTinyLora => ppo(
+            "ppo-tiny-lora",
+            ModelConfig::gpt2_tiny(),
+            Adapt::Lora,
+            a.steps.unwrap_or(5),
+        ),
         Workload::PpoSmallLoraInt8 => ppo(
             "ppo-small-lora-int8",
-            Gpt2Config::small(),
+            ModelConfig::gpt2_small(),
             Adapt::LoraInt8,
             a.steps.unwrap_or(3),
         ),
-        Workload::RewardTiny => reward("reward-tiny", Gpt2Config::tiny(), 3, a.steps.unwrap_or(20)),
-        Workload::RewardSmall => reward("reward-small", Gpt2Config::small(), 2, a.steps.unwrap_or(5)),
+        Workload::RewardTiny => reward("reward-tiny", ModelConfig::gpt2_tiny(), 3, a.steps.unwrap_or(20)),
+        Workload::RewardSmall => reward("reward-small", ModelConfig::gpt2_small(), 2, a.steps.unwrap_or(5)),
     }
 }
 
@@ -169,30 +210,32 @@ fn gemm(steps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn generate_small(steps: usize) -> anyhow::Result<()> {
+/// `batch` prompts of `ppo_prompts.jsonl` (left-padded on the composed path), exactly 64
+/// sampled tokens each (temperature 1, top_k 0, top_p 1, EOS never stops), KV cache.
+fn generate(name: &str, cfg: ModelConfig, batch: usize, warmup: usize, steps: usize) -> anyhow::Result<()> {
     let tok = rlhf_train::assets::gpt2_tokenizer()?;
     let prompts: Vec<Vec<u32>> = rlhf_train::assets::ppo_prompts()
         .iter()
-        .take(16)
+        .take(batch)
         .map(|p| tok.encode(p))
         .collect::<Result<_, _>>()?;
-    let model = Model::random(Gpt2Config::small(), 0, DType::F32, &Device::Cpu)?;
+    let model = Model::random(cfg, 0, DType::F32, &Device::Cpu)?;
     let cfg = GenerationConfig {
         max_new_tokens: 64,
-        eos_token_id: None,
+        eos_token_id: vec![],
         ..Default::default()
     };
     let mut rng = RngStream::new(0);
     let mut tokens = 0;
-    let times = time_steps(1, steps, || {
-        let out = generate(&model.gpt2, &prompts, &cfg, &mut rng)?;
+    let times = time_steps(warmup, steps, || {
+        let out = model.generate(&prompts, &cfg, &mut rng)?;
         tokens = out.response_ids.iter().map(Vec::len).sum::<usize>();
         Ok(())
     })?;
     let (median, min, max) = stats(times);
     println!(
         "{}",
-        json!({"workload": "generate-small", "seconds_per_step": median, "min": min, "max": max,
+        json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
             "throughput": tokens as f64 / median, "unit": "tokens/s", "peak_rss_mib": peak_rss_mib(),
             "threads": threads(), "dtype": dtype_name(), "batch": prompts.len(), "new_tokens": 64})
     );
@@ -202,7 +245,7 @@ fn generate_small(steps: usize) -> anyhow::Result<()> {
 /// A reward-model training step as `RewardTrainer` runs it: 8 pairs in file order,
 /// tokenised with EOS, dropped if longer than 128; forward over [chosen; rejected],
 /// Bradley–Terry loss, backward, AdamW (lr 5e-4), dropout 0.1 as the config says.
-fn reward(name: &str, cfg: Gpt2Config, warmup: usize, steps: usize) -> anyhow::Result<()> {
+fn reward(name: &str, cfg: ModelConfig, warmup: usize, steps: usize) -> anyhow::Result<()> {
     use rlhf_models::Fwd;
     use rlhf_train::optim::{AdamConfig, AdamW, Grads};
     use rlhf_train::reward::{pair_loss, Pair};
@@ -271,7 +314,7 @@ enum Adapt {
     LoraInt8,
 }
 
-fn ppo(name: &str, cfg: Gpt2Config, adapt: Adapt, steps: usize) -> anyhow::Result<()> {
+fn ppo(name: &str, cfg: ModelConfig, adapt: Adapt, steps: usize) -> anyhow::Result<()> {
     use rlhf_train::peft_args::PeftArgs;
     use rlhf_train::ppo::PpoTrainer;
     use rlhf_train::ppo_config::PpoConfig;
@@ -297,7 +340,7 @@ fn ppo(name: &str, cfg: Gpt2Config, adapt: Adapt, steps: usize) -> anyhow::Resul
         }
         None
     };
-    let mut rm = Model::random(Gpt2Config::tiny(), 1, DType::F32, &Device::Cpu)?;
+    let mut rm = Model::random(ModelConfig::gpt2_tiny(), 1, DType::F32, &Device::Cpu)?;
     rm.set_tokenizer(tok.clone());
     rm.ensure_score_head(1)?;
     let ppo_cfg = PpoConfig {
@@ -313,7 +356,7 @@ fn ppo(name: &str, cfg: Gpt2Config, adapt: Adapt, steps: usize) -> anyhow::Resul
         .collect::<Result<_, _>>()?;
     let gen = GenerationConfig {
         max_new_tokens: 32,
-        eos_token_id: None,
+        eos_token_id: vec![],
         ..Default::default()
     };
     let mut rng = RngStream::new(0);

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use rlhf_models::{generate, GenerationConfig, LoadOptions};
+use rlhf_models::{GenerationConfig, LoadOptions};
 use rlhf_ops::rng::RngStream;
 
 /// Arguments of `rlhf generate`.
@@ -61,10 +61,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
-        eos_token_id: Some(tok.eos_token_id),
+        eos_token_id: model.eos_token_ids(),
         pad_token_id: tok.pad_token_id,
     };
-    let out = generate(&model.gpt2, &prompts, &cfg, &mut RngStream::new(a.seed))?;
+    let out = model.generate(&prompts, &cfg, &mut RngStream::new(a.seed))?;
     for (i, text) in a.prompts.iter().enumerate() {
         let completion = tok.decode(&out.response_ids[i], true)?;
         if a.json {

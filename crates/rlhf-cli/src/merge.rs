@@ -49,7 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = load_model(&a.model, Some(&a.adapter), &LoadOptions::default())?;
     let counts = count_parameters(&model);
     let layers = model
-        .gpt2
+        .backbone()
         .projections()
         .iter()
         .filter(|(_, p)| p.lora().is_some())

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use rlhf_models::{generate, GenerationConfig, Gpt2Config, LoadOptions, Model, Tokenizer};
+use rlhf_models::{GenerationConfig, LoadOptions, Model, ModelConfig, Tokenizer};
 use rlhf_ops::rng::RngStream;
 use rlhf_train::peft_args::PeftArgs;
 use rlhf_train::ppo_config::PpoConfig;
@@ -152,11 +152,11 @@ fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow
     let ids: Vec<Vec<u32>> = queries.iter().map(|(_, q)| q.clone()).collect();
     let gen = GenerationConfig {
         max_new_tokens: 40,
-        eos_token_id: Some(tok.eos_token_id),
+        eos_token_id: policy.eos_token_ids(),
         pad_token_id: tok.pad_token_id,
         ..Default::default()
     };
-    let out = generate(&policy.gpt2, &ids, &gen, &mut RngStream::new(seed))?;
+    let out = policy.generate(&ids, &gen, &mut RngStream::new(seed))?;
     let responses: Vec<String> = out
         .response_ids
         .iter()
@@ -213,8 +213,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         plan.synth.n_prompts,
         tokenizer.vocab_size()
     );
-    let mut cfg = Gpt2Config::new(plan.layers, 4, plan.hidden, 64, tokenizer.vocab_size());
-    (cfg.eos_token_id, cfg.bos_token_id) = (Some(tokenizer.eos_token_id), Some(tokenizer.eos_token_id));
+    let mut cfg = ModelConfig::gpt2(plan.layers, 4, plan.hidden, 64, tokenizer.vocab_size());
+    (cfg.eos_token_id, cfg.bos_token_id) = (vec![tokenizer.eos_token_id], Some(tokenizer.eos_token_id));
     let mut base = Model::random(cfg, a.seed, candle_core::DType::F32, &candle_core::Device::Cpu)?;
     base.set_tokenizer(tokenizer);
     let base_dir = out.join("base");

@@ -203,7 +203,7 @@ fn score_with_the_seqcls_adapter_equals_score_with_the_merged_reward_model() {
 #[test]
 fn a_mismatched_adapter_is_a_clear_cli_error() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = rlhf_models::Gpt2Config::new(1, 2, 16, 32, 50257);
+    let cfg = rlhf_models::ModelConfig::gpt2(1, 2, 16, 32, 50257);
     let mut m = Model::random(cfg, 0, DType::F32, &Device::Cpu).unwrap();
     m.set_tokenizer(
         Model::load(&fixtures().join("tiny-gpt2"), &Default::default())

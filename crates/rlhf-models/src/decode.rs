@@ -1,9 +1,10 @@
 //! Incremental decoding on the CPU from weights packed once per generation.
 //!
-//! [`Decoder`] runs the same GPT-2 as [`Gpt2::forward`] with a KV cache, but on plain f32
-//! buffers: every projection is a [`PackedMatrix`] product (the weight packed into column
-//! panels once, then streamed once per step while the step's few rows stay in cache), and
-//! layer norm, attention against the cache, the activation and the residual adds are
+//! [`Decoder`] runs the same decoder as [`Transformer::forward`] with a KV cache, for every
+//! family, but on plain f32 buffers: every projection is a [`PackedMatrix`] product (the
+//! weight packed into column panels once, then streamed once per step while the step's few
+//! rows stay in cache; q, k and v share one matrix, as do the gate and up projections), and
+//! the norms, RoPE, attention against the cache, the activation and the residual adds are
 //! direct loops over those buffers — no tensor per operation, no head split or merge copies,
 //! no padding. Each sequence keeps only its real tokens in the cache, so a finished row
 //! costs nothing and left padding never enters the computation; a row's positions are
@@ -26,32 +27,42 @@ use rlhf_ops::nn::Activation;
 use rlhf_ops::packed::{PackedFormat, PackedMatrix};
 use rlhf_peft::Proj;
 
+use crate::config::NormKind;
 use crate::error::{ModelError, Result};
-use crate::gpt2::{Gpt2, LayerNorm};
+use crate::transformer::{Mlp, Norm, Qkv, Transformer};
 
-/// Rows per rayon task in the row-wise loops (layer norm, activation); a decoding step's
-/// few rows run on the calling thread, where waking the pool would cost more than the loop.
+/// Rows per rayon task in the row-wise loops (norms, activation); a decoding step's few rows
+/// run on the calling thread, where waking the pool would cost more than the loop.
 const ROWS_PER_TASK: usize = 64;
 
-/// A projection ready for decoding: the effective weight packed, the bias as f32.
+/// Projections ready for decoding: their effective weights stacked along the output
+/// (`[q; k; v]`, `[gate; up]`) and packed, the biases as f32 (zeros where absent).
 struct PackedProj {
     w: PackedMatrix,
     bias: Vec<f32>,
 }
 
 impl PackedProj {
-    fn new(p: &Proj, format: PackedFormat) -> Result<Self> {
-        let (k, n) = p.shape();
-        let w = p.effective_weight(DType::F32)?.contiguous()?;
-        let w = with_f32(&w, |s| PackedMatrix::new(MatRef::row_major(s, n), k, n, format))??;
-        let bias = match p.bias() {
-            Some(b) => b.value().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-            None => vec![0.0; n],
-        };
+    fn new(ps: &[&Proj], format: PackedFormat) -> Result<Self> {
+        let k = ps[0].shape().0;
+        let mut rows: Vec<Tensor> = Vec::with_capacity(ps.len());
+        let mut bias = Vec::new();
+        for p in ps {
+            let (_, n) = p.shape();
+            rows.push(p.effective_weight(DType::F32)?);
+            match p.bias() {
+                Some(b) => bias.extend(b.value().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => bias.extend(std::iter::repeat_n(0f32, n)),
+            }
+        }
+        let w = Tensor::cat(&rows, 0)?.contiguous()?;
+        let n = w.dim(0)?;
+        // `(out, in)` row-major is `(in, out)` column-major: the product's `k × n` operand.
+        let w = with_f32(&w, |s| PackedMatrix::new(MatRef::row_major(s, k).t(), k, n, format))??;
         Ok(Self { w, bias })
     }
 
-    /// `x · W + b` for `m` rows of `x` (row-major `m × k`).
+    /// `x · Wᵀ + b` for `m` rows of `x` (row-major `m × k`).
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let n = self.w.n();
         let mut y = Vec::with_capacity(m * n);
@@ -63,27 +74,33 @@ impl PackedProj {
     }
 }
 
-/// Layer-norm weights as f32.
-struct Norm {
+/// Norm weights as f32.
+struct NormF32 {
     w: Vec<f32>,
-    b: Vec<f32>,
+    b: Option<Vec<f32>>,
     eps: f32,
+    kind: NormKind,
 }
 
-impl Norm {
-    fn new(ln: &LayerNorm) -> Result<Self> {
+impl NormF32 {
+    fn new(n: &Norm) -> Result<Self> {
         let f = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         Ok(Self {
-            w: f(ln.weight.value())?,
-            b: f(ln.bias.value())?,
-            eps: ln.eps() as f32,
+            w: f(n.weight.value())?,
+            b: n.bias.as_ref().map(|b| f(b.value())).transpose()?,
+            eps: n.eps() as f32,
+            kind: n.kind(),
         })
     }
 
+    /// Normalises rows of `w.len()` in place into a new buffer.
     fn forward(&self, x: &[f32]) -> Vec<f32> {
         let h = self.w.len();
         let mut y = vec![0f32; x.len()];
-        let rows = |(y, x): (&mut [f32], &[f32])| rlhf_ops::kernels::ln_fwd_rows(x, &self.w, &self.b, self.eps, y);
+        let rows = |(y, x): (&mut [f32], &[f32])| match (&self.kind, &self.b) {
+            (NormKind::LayerNorm, Some(b)) => rlhf_ops::kernels::ln_fwd_rows(x, &self.w, b, self.eps, y),
+            _ => rms_rows(x, &self.w, self.eps, y),
+        };
         if x.len() <= h * ROWS_PER_TASK {
             rows((&mut y, x));
         } else {
@@ -95,29 +112,58 @@ impl Norm {
     }
 }
 
+/// RMSNorm of rows of `w.len()`: `x · rsqrt(mean(x²) + eps) · w` (f32, transformers' order).
+fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = (v * r) * g;
+        }
+    }
+}
+
+/// The MLP, packed.
+enum MlpF32 {
+    Plain {
+        fc_in: PackedProj,
+        fc_out: PackedProj,
+    },
+    /// `gate_up` holds `[gate; up]`: outputs `0..I` are the gate, `I..2I` the up projection.
+    Gated {
+        gate_up: PackedProj,
+        down: PackedProj,
+    },
+}
+
 struct Layer {
-    ln_1: Norm,
-    c_attn: PackedProj,
-    attn_c_proj: PackedProj,
-    ln_2: Norm,
-    c_fc: PackedProj,
-    mlp_c_proj: PackedProj,
+    input_norm: NormF32,
+    /// `[q; k; v]`, one product.
+    qkv: PackedProj,
+    o_proj: PackedProj,
+    q_norm: Option<NormF32>,
+    k_norm: Option<NormF32>,
+    post_norm: NormF32,
+    mlp: MlpF32,
     /// Attention-score factor of this layer.
     scale: f32,
-    /// Keys per row and head in blocks of [`CACHED_KEY_BLOCK`] positions, each block
-    /// component-major: `(rows, n_head, ceil(capacity / 16), head_dim, 16)`.
+    /// Sliding window of this layer.
+    window: Option<usize>,
+    /// Keys per row and key/value head in blocks of [`CACHED_KEY_BLOCK`] positions, each
+    /// block component-major: `(rows, nkv, ceil(capacity / 16), hd, 16)`.
     k: Vec<f32>,
-    /// Values, same layout.
+    /// Values, `(rows, nkv, capacity, hd)`.
     v: Vec<f32>,
 }
 
-/// A GPT-2 prepared for generating from `rows` sequences of up to `capacity` tokens each
+/// A model prepared for generating from `rows` sequences of up to `capacity` tokens each
 /// (prompt and new tokens), with its KV cache. Built per generation: the packed weights are
 /// a snapshot of the model's current weights (adapters applied, as [`crate::Fwd::eval`]).
 pub struct Decoder<'m> {
-    model: &'m Gpt2,
+    model: &'m Transformer,
     layers: Vec<Layer>,
-    ln_f: Norm,
+    norm: NormF32,
     lm_head: PackedMatrix,
     /// Tokens cached per row.
     lens: Vec<usize>,
@@ -127,43 +173,62 @@ pub struct Decoder<'m> {
 impl<'m> Decoder<'m> {
     /// Packs `model`'s weights in `format` and allocates the cache; `None` when the model
     /// is not an f32 model on the CPU or a projection has a quantized base.
-    pub fn new(model: &'m Gpt2, rows: usize, capacity: usize, format: PackedFormat) -> Result<Option<Self>> {
+    pub fn new(model: &'m Transformer, rows: usize, capacity: usize, format: PackedFormat) -> Result<Option<Self>> {
         let dense = |p: &Proj| match p {
             Proj::Dense(_) => true,
             Proj::Lora(l) => matches!(*l.base, Proj::Dense(_)),
             Proj::Int8(_) | Proj::Nf4(_) => false,
         };
-        if !model.device().is_cpu() || model.dtype() != DType::F32 || !model.projections().iter().all(|(_, p)| dense(p))
+        if !rlhf_ops::kernels::fast_kernels()
+            || !model.device().is_cpu()
+            || model.dtype() != DType::F32
+            || !model.projections().iter().all(|(_, p)| dense(p))
         {
             return Ok(None);
         }
         let cfg = &model.cfg;
-        let cache_len = rows * cfg.n_head * padded(capacity) * cfg.head_dim();
+        let cache_len = rows * cfg.num_key_value_heads * padded(capacity) * cfg.head_dim;
         let layers = model
-            .blocks
+            .layers
             .iter()
             .enumerate()
-            .map(|(i, b)| {
+            .map(|(i, l)| {
+                let qkv = match &l.attn.qkv {
+                    Qkv::Fused(p) => PackedProj::new(&[p], format)?,
+                    Qkv::Split { q, k, v } => PackedProj::new(&[q, k, v], format)?,
+                };
+                let mlp = match &l.mlp {
+                    Mlp::Plain { fc_in, fc_out } => MlpF32::Plain {
+                        fc_in: PackedProj::new(&[fc_in], format)?,
+                        fc_out: PackedProj::new(&[fc_out], format)?,
+                    },
+                    Mlp::Gated { gate, up, down } => MlpF32::Gated {
+                        gate_up: PackedProj::new(&[gate, up], format)?,
+                        down: PackedProj::new(&[down], format)?,
+                    },
+                };
                 Ok(Layer {
-                    ln_1: Norm::new(&b.ln_1)?,
-                    c_attn: PackedProj::new(&b.c_attn, format)?,
-                    attn_c_proj: PackedProj::new(&b.attn_c_proj, format)?,
-                    ln_2: Norm::new(&b.ln_2)?,
-                    c_fc: PackedProj::new(&b.c_fc, format)?,
-                    mlp_c_proj: PackedProj::new(&b.mlp_c_proj, format)?,
+                    input_norm: NormF32::new(&l.input_norm)?,
+                    qkv,
+                    o_proj: PackedProj::new(&[&l.attn.o_proj], format)?,
+                    q_norm: l.attn.q_norm.as_ref().map(NormF32::new).transpose()?,
+                    k_norm: l.attn.k_norm.as_ref().map(NormF32::new).transpose()?,
+                    post_norm: NormF32::new(&l.post_norm)?,
+                    mlp,
                     scale: model.attention_scale(i) as f32,
+                    window: cfg.layer_window(i),
                     k: vec![0f32; cache_len],
                     v: vec![0f32; cache_len],
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let head = model.lm_head_weight(false).contiguous()?;
+        let head = model.lm_head_weight(false)?.contiguous()?;
         let (v, h) = head.dims2()?;
         let lm_head = with_f32(&head, |s| PackedMatrix::new(MatRef::row_major(s, h).t(), h, v, format))??;
         Ok(Some(Self {
             model,
             layers,
-            ln_f: Norm::new(&model.ln_f)?,
+            norm: NormF32::new(&model.norm)?,
             lm_head,
             lens: vec![0; rows],
             capacity,
@@ -215,15 +280,11 @@ impl<'m> Decoder<'m> {
         self.forward(&entries, &all)
     }
 
-    /// Runs `entries` (row, token), appended in order after each row's cached tokens, and
-    /// returns the logits at the entries `logits_at`.
-    fn forward(&mut self, entries: &[(usize, u32)], logits_at: &[usize]) -> Result<Vec<f32>> {
+    /// The cache slot (= position) of every entry, checking rows, capacity and ids.
+    fn slots(&self, entries: &[(usize, u32)]) -> Result<(Vec<usize>, Vec<usize>)> {
         let cfg = &self.model.cfg;
-        let (h, nh, hd) = (cfg.n_embd, cfg.n_head, cfg.head_dim());
-        let n = entries.len();
-        // The cache slot (= position) of every entry.
         let mut next = self.lens.clone();
-        let mut slots = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(entries.len());
         for (e, &(r, tok)) in entries.iter().enumerate() {
             let Some(len) = next.get_mut(r) else {
                 return Err(ModelError::Input(format!(
@@ -231,10 +292,10 @@ impl<'m> Decoder<'m> {
                     self.lens.len()
                 )));
             };
-            if *len >= self.capacity.min(cfg.n_positions) {
+            if *len >= self.capacity.min(cfg.max_position_embeddings) {
                 return Err(ModelError::Input(format!(
-                    "row {r} is full: {} tokens cached, capacity {} (n_positions {})",
-                    *len, self.capacity, cfg.n_positions
+                    "row {r} is full: {} tokens cached, capacity {} (max_position_embeddings {})",
+                    *len, self.capacity, cfg.max_position_embeddings
                 )));
             }
             if tok as usize >= cfg.vocab_size {
@@ -246,48 +307,40 @@ impl<'m> Decoder<'m> {
             slots.push(*len);
             *len += 1;
         }
-        let device = self.model.device();
-        let ids = Tensor::from_vec(entries.iter().map(|&(_, t)| t).collect::<Vec<_>>(), n, device)?;
-        let pos = Tensor::from_vec(slots.iter().map(|&s| s as u32).collect::<Vec<_>>(), n, device)?;
-        let tok = self.model.wte.value().index_select(&ids, 0)?;
-        let pe = self.model.wpe.value().index_select(&pos, 0)?;
-        let mut x: Vec<f32> = (tok + pe)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        // Cache positions per row and head, whole key blocks.
+        Ok((slots, next))
+    }
+
+    /// Runs `entries` (row, token), appended in order after each row's cached tokens, and
+    /// returns the logits at the entries `logits_at`.
+    fn forward(&mut self, entries: &[(usize, u32)], logits_at: &[usize]) -> Result<Vec<f32>> {
+        let model = self.model;
+        let cfg = &model.cfg;
+        let h = cfg.hidden_size;
+        let n = entries.len();
+        let (slots, next) = self.slots(entries)?;
+        let mut x = self.embed(entries, &slots)?;
+        let rope = self.rope_rows(&slots);
         let capacity = padded(self.capacity);
-        let activation = cfg.activation;
         for layer in &mut self.layers {
-            let qkv = layer.c_attn.forward(&layer.ln_1.forward(&x), n)?;
-            // Keys and values into the cache, then every entry's query against its row.
-            for (e, (&(r, _), &slot)) in entries.iter().zip(&slots).enumerate() {
-                for head in 0..nh {
-                    let base = (r * nh + head) * capacity * hd;
-                    let src = e * 3 * h + head * hd;
-                    let block = base + (slot / CACHED_KEY_BLOCK) * CACHED_KEY_BLOCK * hd + slot % CACHED_KEY_BLOCK;
-                    for (c, &x) in qkv[src + h..src + h + hd].iter().enumerate() {
-                        layer.k[block + c * CACHED_KEY_BLOCK] = x;
-                    }
-                    let at = base + slot * hd;
-                    layer.v[at..at + hd].copy_from_slice(&qkv[src + 2 * h..src + 2 * h + hd]);
-                }
-            }
-            let mut attn = vec![0f32; n * h];
-            let (k, v, scale) = (&layer.k, &layer.v, layer.scale);
-            attn.par_chunks_mut(hd).enumerate().for_each_init(
-                || vec![0f32; capacity],
-                |p, (idx, out)| {
-                    let (e, head) = (idx / nh, idx % nh);
-                    let (r, len) = (entries[e].0, slots[e] + 1);
-                    let base = (r * nh + head) * capacity * hd;
-                    let q = &qkv[e * 3 * h + head * hd..e * 3 * h + (head + 1) * hd];
-                    let (kt, v) = (&k[base..base + capacity * hd], &v[base..base + len * hd]);
-                    rlhf_ops::attention::cached_attention_row(q, kt, v, len, scale, p, out);
-                },
-            );
-            let a = layer.attn_c_proj.forward(&attn, n)?;
+            let mut qkv = layer.qkv.forward(&layer.input_norm.forward(&x), n)?;
+            prepare_qk(cfg, layer, &mut qkv, rope.as_ref());
+            store_kv(cfg, layer, &qkv, entries, &slots, capacity);
+            let attn = attend(cfg, layer, &qkv, entries, &slots, capacity);
+            let a = layer.o_proj.forward(&attn, n)?;
             rlhf_ops::simd::add_in_place_f32(&mut x, &a);
-            let mut m = layer.c_fc.forward(&layer.ln_2.forward(&x), n)?;
-            activate(activation, &mut m, layer.c_fc.w.n())?;
-            let m = layer.mlp_c_proj.forward(&m, n)?;
+            let hn = layer.post_norm.forward(&x);
+            let m = match &layer.mlp {
+                MlpF32::Plain { fc_in, fc_out } => {
+                    let mut m = fc_in.forward(&hn, n)?;
+                    activate(cfg.hidden_act, &mut m, fc_in.w.n())?;
+                    fc_out.forward(&m, n)?
+                }
+                MlpF32::Gated { gate_up, down } => {
+                    let gu = gate_up.forward(&hn, n)?;
+                    let m = gated(cfg.hidden_act, &gu, gate_up.w.n() / 2)?;
+                    down.forward(&m, n)?
+                }
+            };
             rlhf_ops::simd::add_in_place_f32(&mut x, &m);
         }
         self.lens = next;
@@ -295,11 +348,177 @@ impl<'m> Decoder<'m> {
         for &e in logits_at {
             last.extend_from_slice(&x[e * h..(e + 1) * h]);
         }
-        let hidden = self.ln_f.forward(&last);
+        let hidden = self.norm.forward(&last);
         let mut logits = vec![0f32; logits_at.len() * self.lm_head.n()];
         self.lm_head
             .matmul(MatRef::row_major(&hidden, h), logits_at.len(), &mut logits, false)?;
         Ok(logits)
+    }
+
+    /// Token (+ position) embeddings of the entries, `n × H`.
+    fn embed(&self, entries: &[(usize, u32)], slots: &[usize]) -> Result<Vec<f32>> {
+        let model = self.model;
+        let device = model.device();
+        let n = entries.len();
+        let ids = Tensor::from_vec(entries.iter().map(|&(_, t)| t).collect::<Vec<_>>(), n, device)?;
+        let mut x = model.embed_tokens.value().index_select(&ids, 0)?;
+        if let Some(wpe) = &model.embed_positions {
+            let pos = Tensor::from_vec(slots.iter().map(|&s| s as u32).collect::<Vec<_>>(), n, device)?;
+            x = (x + wpe.value().index_select(&pos, 0)?)?;
+        }
+        Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// cos and sin per entry (`n × hd` each) at its slot, or `None` without RoPE.
+    fn rope_rows(&self, slots: &[usize]) -> Option<(Vec<f32>, Vec<f32>)> {
+        let rope = self.model.rope.as_ref()?;
+        let seq_len = slots
+            .iter()
+            .max()
+            .map_or(0, |&m| m + 1)
+            .max(*self.lens.iter().max().unwrap_or(&0));
+        let (inv, factor) = rope.inv_freq_for(seq_len);
+        let half = inv.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(slots.len() * 2 * half),
+            Vec::with_capacity(slots.len() * 2 * half),
+        );
+        for &s in slots {
+            for _ in 0..2 {
+                for &f in &inv {
+                    let a = f * s as f32;
+                    cos.push(a.cos() * factor);
+                    sin.push(a.sin() * factor);
+                }
+            }
+        }
+        Some((cos, sin))
+    }
+}
+
+/// Qwen3's per-head norms and RoPE on the q and k parts of each entry's `[q; k; v]` row, in
+/// place.
+fn prepare_qk(cfg: &crate::ModelConfig, layer: &Layer, qkv: &mut [f32], rope: Option<&(Vec<f32>, Vec<f32>)>) {
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let width = (nh + 2 * nkv) * hd;
+    for (e, row) in qkv.chunks_exact_mut(width).enumerate() {
+        let (q, rest) = row.split_at_mut(nh * hd);
+        let k = &mut rest[..nkv * hd];
+        for (part, norm) in [(&mut *q, &layer.q_norm), (&mut *k, &layer.k_norm)] {
+            if let Some(nrm) = norm {
+                let src = part.to_vec();
+                rms_rows(&src, &nrm.w, nrm.eps, part);
+            }
+        }
+        if let Some((cos, sin)) = rope {
+            let (c, s) = (&cos[e * hd..(e + 1) * hd], &sin[e * hd..(e + 1) * hd]);
+            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                rotate(head, c, s);
+            }
+        }
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` of one head in place.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (a, b) = (x[j], x[j + half]);
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+}
+
+/// Writes each entry's keys and values into its row's cache at its slot.
+fn store_kv(
+    cfg: &crate::ModelConfig,
+    layer: &mut Layer,
+    qkv: &[f32],
+    entries: &[(usize, u32)],
+    slots: &[usize],
+    capacity: usize,
+) {
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let width = (nh + 2 * nkv) * hd;
+    for (e, (&(r, _), &slot)) in entries.iter().zip(slots).enumerate() {
+        for head in 0..nkv {
+            let base = (r * nkv + head) * capacity * hd;
+            let k_src = e * width + nh * hd + head * hd;
+            let v_src = e * width + (nh + nkv) * hd + head * hd;
+            let block = base + (slot / CACHED_KEY_BLOCK) * CACHED_KEY_BLOCK * hd + slot % CACHED_KEY_BLOCK;
+            for (c, &x) in qkv[k_src..k_src + hd].iter().enumerate() {
+                layer.k[block + c * CACHED_KEY_BLOCK] = x;
+            }
+            let at = base + slot * hd;
+            layer.v[at..at + hd].copy_from_slice(&qkv[v_src..v_src + hd]);
+        }
+    }
+}
+
+/// Every entry's queries against its row's cache, `n × (nh·hd)`.
+fn attend(
+    cfg: &crate::ModelConfig,
+    layer: &Layer,
+    qkv: &[f32],
+    entries: &[(usize, u32)],
+    slots: &[usize],
+    capacity: usize,
+) -> Vec<f32> {
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (width, rep) = ((nh + 2 * nkv) * hd, nh / nkv);
+    let mut attn = vec![0f32; entries.len() * nh * hd];
+    let (k, v, scale, window) = (&layer.k, &layer.v, layer.scale, layer.window);
+    attn.par_chunks_mut(hd).enumerate().for_each_init(
+        || vec![0f32; capacity],
+        |p, (idx, out)| {
+            let (e, head) = (idx / nh, idx % nh);
+            let (r, len) = (entries[e].0, slots[e] + 1);
+            let base = (r * nkv + head / rep) * capacity * hd;
+            let q = &qkv[e * width + head * hd..e * width + (head + 1) * hd];
+            let (kt, vv) = (&k[base..base + capacity * hd], &v[base..base + len * hd]);
+            match window {
+                Some(w) if len > w => windowed_row(q, kt, vv, len - w, len, scale, p, out),
+                _ => rlhf_ops::attention::cached_attention_row(q, kt, vv, len, scale, p, out),
+            }
+        },
+    );
+    attn
+}
+
+/// One query over the cached positions `start..len` only (a sliding window), in the cache
+/// layout of [`rlhf_ops::attention::cached_attention_row`].
+#[allow(clippy::too_many_arguments)]
+fn windowed_row(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    start: usize,
+    len: usize,
+    scale: f32,
+    p: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let key = |j: usize, c: usize| {
+        kt[(j / CACHED_KEY_BLOCK) * CACHED_KEY_BLOCK * d + c * CACHED_KEY_BLOCK + j % CACHED_KEY_BLOCK]
+    };
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate().take(len).skip(start) {
+        let s = (0..d).map(|c| q[c] * key(j, c)).sum::<f32>() * scale;
+        *pj = s;
+        max = max.max(s);
+    }
+    let mut z = 0f32;
+    for pj in &mut p[start..len] {
+        *pj = (*pj - max).exp();
+        z += *pj;
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, &pj) in p.iter().enumerate().take(len).skip(start) {
+        let w = pj / z;
+        for (o, &x) in out.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *o += w * x;
+        }
     }
 }
 
@@ -322,12 +541,25 @@ fn activate(act: Activation, x: &mut [f32], width: usize) -> Result<()> {
                 x.par_chunks_mut(width * ROWS_PER_TASK).for_each(rows);
             }
         }
+        Activation::Silu => x.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
         other => {
             let t = Tensor::from_slice(x, x.len(), &candle_core::Device::Cpu)?;
             x.copy_from_slice(&other.apply(&t)?.to_vec1::<f32>()?);
         }
     }
     Ok(())
+}
+
+/// `act(gate) · up` from rows of `[gate; up]` (`2·inner` wide) → rows of `inner`.
+fn gated(act: Activation, gu: &[f32], inner: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(gu.len() / 2);
+    for row in gu.chunks_exact(2 * inner) {
+        let (g, u) = row.split_at(inner);
+        let mut a = g.to_vec();
+        activate(act, &mut a, inner)?;
+        out.extend(a.iter().zip(u).map(|(x, y)| x * y));
+    }
+    Ok(out)
 }
 
 /// Runs `f` on the elements of a contiguous f32 CPU tensor, in place.

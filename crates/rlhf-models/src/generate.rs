@@ -12,7 +12,7 @@ use rlhf_ops::precision::MatmulPrecision;
 use crate::cache::KvCache;
 use crate::decode::Decoder;
 use crate::error::{ModelError, Result};
-use crate::gpt2::{Fwd, Gpt2};
+use crate::transformer::{Fwd, Transformer};
 
 /// Generation settings (Hugging Face `GenerationConfig` names).
 #[derive(Clone, Debug, PartialEq)]
@@ -29,8 +29,9 @@ pub struct GenerationConfig {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0 = off).
     pub top_p: f64,
-    /// Rows stop after emitting this token (`None`: never stop early).
-    pub eos_token_id: Option<u32>,
+    /// Rows stop after emitting any of these tokens (empty: never stop early; a model's
+    /// `generation_config.json` may list several, as Llama 3 Instruct does).
+    pub eos_token_id: Vec<u32>,
     /// Id written after a row stopped.
     pub pad_token_id: u32,
 }
@@ -45,7 +46,7 @@ impl Default for GenerationConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
-            eos_token_id: Some(50256),
+            eos_token_id: vec![50256],
             pad_token_id: 50256,
         }
     }
@@ -98,7 +99,12 @@ pub struct Generation {
 /// [`matmul_precision`](rlhf_ops::precision::matmul_precision) is bf16), others with
 /// [`generate_composed`]. Both draw the same random numbers in the same order and compute
 /// the same logits up to the order of f32 sums.
-pub fn generate(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng: &mut RngStream) -> Result<Generation> {
+pub fn generate(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    rng: &mut RngStream,
+) -> Result<Generation> {
     check(model, prompts, cfg)?;
     let format = match rlhf_ops::precision::matmul_precision() {
         MatmulPrecision::Bf16 => PackedFormat::Bf16,
@@ -148,7 +154,7 @@ fn decode_loop(
         let (mut rows, mut tokens) = (Vec::with_capacity(active.len()), Vec::with_capacity(active.len()));
         for (&row, tok) in active.iter().zip(toks) {
             responses[row].push(tok);
-            if Some(tok) != cfg.eos_token_id {
+            if !cfg.eos_token_id.contains(&tok) {
                 rows.push(row);
                 tokens.push(tok);
             }
@@ -172,8 +178,10 @@ fn next_token(logits: &mut [f32], step: usize, cfg: &GenerationConfig, rng: &mut
 /// [`next_token`] with the uniform draw of sampling given (`None`: greedy).
 fn next_token_with(logits: &mut [f32], step: usize, cfg: &GenerationConfig, u: Option<f64>) -> u32 {
     if step < cfg.min_new_tokens {
-        if let Some(eos) = cfg.eos_token_id {
-            logits[eos as usize] = f32::NEG_INFINITY;
+        for &eos in &cfg.eos_token_id {
+            if let Some(l) = logits.get_mut(eos as usize) {
+                *l = f32::NEG_INFINITY;
+            }
         }
     }
     match u {
@@ -183,9 +191,16 @@ fn next_token_with(logits: &mut [f32], step: usize, cfg: &GenerationConfig, u: O
 }
 
 /// Checks the settings and the prompts against the model.
-fn check(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<()> {
+fn check(model: &Transformer, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<()> {
     cfg.validate()?;
-    let n_pos = model.cfg.n_positions;
+    let v = model.cfg.vocab_size;
+    if cfg.pad_token_id as usize >= v {
+        return Err(ModelError::Input(format!(
+            "pad_token_id {} is outside the vocabulary of {v} tokens\nhint: use the model's own pad id (Model::pad_token_id)",
+            cfg.pad_token_id
+        )));
+    }
+    let n_pos = model.cfg.max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(ModelError::Input(format!(
@@ -194,11 +209,12 @@ fn check(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<(
         }
         if p.len() + cfg.max_new_tokens > n_pos {
             return Err(ModelError::Input(format!(
-                "prompt {i} has {} tokens; with max_new_tokens {} it needs {} positions but the model has n_positions {n_pos}\n\
+                "prompt {i} has {} tokens; with max_new_tokens {} it needs {} positions but the model has {} {n_pos}\n\
                  hint: shorten the prompt or lower max_new_tokens",
                 p.len(),
                 cfg.max_new_tokens,
-                p.len() + cfg.max_new_tokens
+                p.len() + cfg.max_new_tokens,
+                model.cfg.max_positions_key()
             )));
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
@@ -212,10 +228,10 @@ fn check(model: &Gpt2, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<(
 }
 
 /// [`generate`] through the composed tensor path: the left-padded batch, every row every
-/// step, [`Gpt2::forward`] with a [`KvCache`]. Serves every device and dtype, and is the
+/// step, [`Transformer::forward`] with a [`KvCache`]. Serves every device and dtype, and is the
 /// oracle of the [`Decoder`] path.
 pub fn generate_composed(
-    model: &Gpt2,
+    model: &Transformer,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     rng: &mut RngStream,
@@ -243,10 +259,10 @@ pub fn generate_composed(
     }
     let cfgm = &model.cfg;
     let mut cache = KvCache::new(
-        cfgm.n_layer,
+        cfgm.num_hidden_layers,
         b,
-        cfgm.n_head,
-        cfgm.head_dim(),
+        cfgm.num_key_value_heads,
+        cfgm.head_dim,
         max_len + cfg.max_new_tokens,
         model.dtype(),
         device,
@@ -274,7 +290,7 @@ pub fn generate_composed(
             }
             let tok = next_token(&mut l, step, cfg, rng);
             responses[row].push(tok);
-            done[row] = Some(tok) == cfg.eos_token_id;
+            done[row] = cfg.eos_token_id.contains(&tok);
             next.push(tok);
             mask[row].push(1);
         }

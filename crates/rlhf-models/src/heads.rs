@@ -1,12 +1,12 @@
 //! Heads on the final hidden state: TRL's value head and transformers' score head.
-//! (The LM head is the tied token embedding, [`crate::Gpt2::lm_logits`].)
+//! (The LM head is [`crate::Transformer::lm_logits`].)
 
 use candle_core::{DType, Device, Tensor, D};
 use rlhf_ops::rng::RngStream;
 use rlhf_peft::Param;
 
 use crate::error::{ModelError, Result};
-use crate::gpt2::Fwd;
+use crate::transformer::Fwd;
 
 /// TRL's `ValueHead`: `Linear(H, 1)` on the dropped-out last hidden state
 /// (`v_head.summary.weight` `(1, H)`, `v_head.summary.bias` `(1)`).

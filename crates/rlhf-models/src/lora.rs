@@ -31,7 +31,7 @@ use std::fmt;
 
 use rlhf_ops::rng::RngStream;
 use rlhf_peft::int8::Int8Linear;
-use rlhf_peft::lora::{LoraBias, ReferenceBias, TargetModules, GPT2_DEFAULT_TARGETS};
+use rlhf_peft::lora::{LoraBias, ReferenceBias, TargetModules};
 use rlhf_peft::nf4::{Nf4Linear, DEFAULT_BLOCKSIZE};
 use rlhf_peft::proj::Quantized;
 use rlhf_peft::{LoraConfig, LoraLinear, Param, Proj};
@@ -43,8 +43,9 @@ use crate::error::{ModelError, Result};
 use crate::model::Model;
 
 /// Quantization of the frozen projections, with transformers' `BitsAndBytesConfig` names.
-/// Only the `Conv1D` projections are quantized; embeddings, layer norms and heads stay in
-/// the model dtype, as bitsandbytes leaves them.
+/// Only the blocks' projections are quantized (in `nn.Linear`'s `(out, in)` layout; for
+/// GPT-2 that is `Conv1D.weight.T`, as transformers' bitsandbytes integration stores it);
+/// embeddings, norms and heads stay in the model dtype, as bitsandbytes leaves them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct QuantConfig {
@@ -117,7 +118,7 @@ pub fn quantize(model: &mut Model, q: &QuantConfig) -> Result<()> {
     if model.quantization.is_some() {
         return Err(ModelError::Input("the model is already quantized".into()));
     }
-    for (_, proj) in model.gpt2.projections_mut() {
+    for (_, proj) in model.backbone_mut().projections_mut() {
         *proj = quantize_proj(proj, q)?;
     }
     model.quantization = Some(q.clone());
@@ -157,11 +158,12 @@ pub(crate) fn saved_modules(cfg: &LoraConfig) -> Result<Vec<SavedModule>> {
         match name.as_str() {
             "score" => out.push(SavedModule::Score),
             "v_head" => out.push(SavedModule::ValueHead),
-            // PEFT appends its SEQ_CLS defaults ["classifier", "score"]; GPT-2 has no classifier.
+            // PEFT appends its SEQ_CLS defaults ["classifier", "score"]; these models have no
+            // classifier.
             "classifier" => {}
             other => {
                 return Err(ModelError::Input(format!(
-                    "modules_to_save: `{other}` is not supported; hint: GPT-2 supports \"score\" (reward model head) and \"v_head\" (value head)"
+                    "modules_to_save: `{other}` is not supported; hint: supported are \"score\" (reward model head) and \"v_head\" (value head)"
                 )))
             }
         }
@@ -197,10 +199,12 @@ pub fn apply_lora(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<()> 
     }
     model.set_trainable(false)?;
     let keep = cfg.reference_bias == ReferenceBias::Original;
+    let family = model.family();
+    let (prefix, defaults) = (family.names().prefix, family.default_lora_targets());
     let mut rng = RngStream::new(seed);
     let mut matched = 0;
-    for (name, proj) in model.gpt2.projections_mut() {
-        if !cfg.is_target(&format!("transformer.{name}")) {
+    for (name, proj) in model.backbone_mut().projections_mut() {
+        if !cfg.is_target(&format!("{prefix}.{name}"), defaults) {
             continue;
         }
         matched += 1;
@@ -220,13 +224,17 @@ pub fn apply_lora(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<()> 
         }
     }
     if matched == 0 {
+        let hint = match family {
+            crate::Family::Gpt2 => "GPT-2's are c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (\"c_proj\" selects both)",
+            _ => "this family's are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+        };
         return Err(ModelError::Input(format!(
-            "target_modules {:?} match no projection of the model; hint: GPT-2's are c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (\"c_proj\" selects both) or \"all-linear\"",
+            "target_modules {:?} match no projection of the {family} model; hint: {hint}, or \"all-linear\"",
             cfg.target_modules
         )));
     }
     if cfg.bias == LoraBias::All {
-        for (name, p) in model.gpt2.named_params_mut() {
+        for (name, p) in model.backbone_mut().named_params_mut() {
             if name.ends_with(".bias") {
                 train_keeping_original(p, keep)?;
             }
@@ -238,11 +246,10 @@ pub fn apply_lora(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<()> 
         }
     }
     let mut stored = cfg.clone();
-    stored.fan_in_fan_out = true; // GPT-2's Conv1D; PEFT sets it too
+    // GPT-2's Conv1D weights are stored transposed; PEFT records it (and sets it itself).
+    stored.fan_in_fan_out = family.conv1d_weights();
     if stored.target_modules.is_none() {
-        stored.target_modules = Some(TargetModules::List(
-            GPT2_DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-        ));
+        stored.target_modules = Some(TargetModules::List(defaults.iter().map(|s| s.to_string()).collect()));
     }
     if stored.base_model_name_or_path.is_none() {
         stored.base_model_name_or_path = model.source_dir().map(|p| p.display().to_string());
@@ -317,7 +324,7 @@ pub fn count_parameters(model: &Model) -> ParamCounts {
             c.trainable += n;
         }
     }
-    for (_, proj) in model.gpt2.projections() {
+    for (_, proj) in model.backbone().projections() {
         let base = proj.lora().map_or(proj, |l| &l.base);
         if matches!(base, Proj::Int8(_) | Proj::Nf4(_)) {
             let (i, o) = base.shape();
@@ -334,25 +341,38 @@ pub fn count_parameters(model: &Model) -> ParamCounts {
 }
 
 /// PEFT's `merge_and_unload()`: a new plain model whose projections hold
-/// `W + (B A)^T * scaling` (`Conv1D` layout), with the current biases and saved modules;
+/// `W + B A * scaling`, with the current biases and saved modules;
 /// quantized projections are dequantized (kept dense in the model dtype). Every weight of
 /// the result is frozen, and the trained ones are copies, so further training of `model`
 /// does not change it.
 pub fn merge_and_unload(model: &Model) -> Result<Model> {
     let mut out = model.clone();
-    let dtype = model.gpt2.dtype();
-    for (_, proj) in out.gpt2.projections_mut() {
+    let dtype = model.dtype();
+    for (_, proj) in out.backbone_mut().projections_mut() {
         if !matches!(proj, Proj::Dense(_)) {
             *proj = proj.merged(dtype)?;
         }
     }
-    let mut all: Vec<&mut Param> = out.gpt2.named_params_mut().into_iter().map(|(_, p)| p).collect();
+    let mut heads: Vec<&mut Param> = Vec::new();
     if let Some(v) = &mut out.value_head {
-        all.extend([&mut v.weight, &mut v.bias]);
+        heads.extend([&mut v.weight, &mut v.bias]);
     }
     if let Some(s) = &mut out.score_head {
-        all.push(&mut s.weight);
+        heads.push(&mut s.weight);
     }
+    for p in heads {
+        if p.is_trainable() {
+            *p = Param::frozen(p.value().copy()?);
+        } else {
+            p.drop_original();
+        }
+    }
+    let all: Vec<&mut Param> = out
+        .backbone_mut()
+        .named_params_mut()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
     for p in all {
         if p.is_trainable() {
             *p = Param::frozen(p.value().copy()?);

@@ -1,5 +1,7 @@
-//! A GPT-2 checkpoint directory as one value: backbone, optional heads and tokenizer,
-//! loaded from and saved to the Hugging Face layout.
+//! A checkpoint directory as one value: the backbone of any family, optional heads and the
+//! tokenizer, loaded from and saved to the Hugging Face layout. Trainers and the CLI use
+//! [`Model`]'s methods and never see a family: the backbone is reached through
+//! [`Model::backbone`] only by code that walks weights or packs them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,12 +10,15 @@ use candle_core::{DType, Device, Tensor};
 use rlhf_ops::rng::RngStream;
 use rlhf_peft::{LoraConfig, Param};
 
-use crate::config::Gpt2Config;
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
-use crate::gpt2::{Fwd, Gpt2};
+use crate::family::Family;
+use crate::generate::{Generation, GenerationConfig};
 use crate::heads::{ScoreHead, ValueHead};
 use crate::lora::QuantConfig;
 use crate::tokenizer::Tokenizer;
+use crate::transformer::{Fwd, Transformer};
 use crate::weights::{save_safetensors, write_atomic, Weights};
 
 /// Files of the tokenizer copied verbatim from the source directory on save.
@@ -22,12 +27,13 @@ const TOKENIZER_SIDE_FILES: &[&str] = &[
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
 ];
 
 /// How to load a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Weight dtype (F32 by default; BF16 halves memory).
+    /// Weight dtype (F32 by default, whatever the checkpoint stores; BF16 halves memory).
     pub dtype: DType,
     /// Device.
     pub device: Device,
@@ -42,11 +48,10 @@ impl Default for LoadOptions {
     }
 }
 
-/// A GPT-2 with the heads and tokenizer found in its directory.
+/// A decoder with the heads and tokenizer found in its directory.
 #[derive(Clone, Debug)]
 pub struct Model {
-    /// The backbone (and the LM head through the tied embedding).
-    pub gpt2: Gpt2,
+    backbone: Transformer,
     /// TRL's value head (`v_head.summary`), when present.
     pub value_head: Option<ValueHead>,
     /// The sequence-classification head (`score`), when present.
@@ -58,13 +63,16 @@ pub struct Model {
     pub lora: Option<LoraConfig>,
     /// The quantization of the frozen projections ([`crate::lora::quantize`]), if any.
     pub quantization: Option<QuantConfig>,
+    /// `generation_config.json` as read (its `eos_token_id` list stops generation).
+    generation: Option<serde_json::Value>,
     source_dir: Option<PathBuf>,
     side_files: Vec<(String, Vec<u8>)>,
 }
 
 impl Model {
-    /// Loads a Hugging Face GPT-2 directory: `config.json`, `model.safetensors` (or a sharded
-    /// index), `tokenizer.json` when present; `v_head.summary.*` and `score.weight` when present.
+    /// Loads a Hugging Face directory of any supported family: `config.json`,
+    /// `model.safetensors` (or a sharded index), `generation_config.json` and
+    /// `tokenizer.json` when present; `v_head.summary.*` and `score.weight` when present.
     /// All weights start frozen.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
@@ -73,9 +81,11 @@ impl Model {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             });
         }
-        let cfg = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut w = Weights::from_dir(dir, opts.dtype, &opts.device)?;
-        let h = cfg.n_embd;
+        w.strip_prefix(&format!("{}.", cfg.family.names().prefix));
+        w.drop_matching(|n| n.ends_with("rotary_emb.inv_freq"));
+        let h = cfg.hidden_size;
         let value_head = match (w.contains("v_head.summary.weight"), w.contains("v_head.summary.bias")) {
             (false, false) => None,
             _ => Some(ValueHead {
@@ -90,8 +100,9 @@ impl Model {
                 let weight = w.take("score.weight", &[cfg.num_labels, h])?.to_dtype(DType::F32)?;
                 if w.contains("score.bias") {
                     return Err(ModelError::Input(format!(
-                        "{}: `score.bias` is not supported: GPT2ForSequenceClassification's score has no bias",
-                        w.source.display()
+                        "{}: `score.bias` is not supported: {}'s score has no bias",
+                        w.source.display(),
+                        cfg.family.seq_cls_class()
                     )));
                 }
                 Some(ScoreHead {
@@ -99,18 +110,22 @@ impl Model {
                 })
             }
         };
-        let gpt2 = Gpt2::from_weights(cfg, &mut w)?;
+        // A sequence-classification checkpoint of an untied family has no LM head.
+        let lm_head = score_head.is_none() || w.contains("lm_head.weight");
+        let backbone = Transformer::from_weights(cfg, &mut w, lm_head)?;
+        let generation = read_optional_json(&dir.join("generation_config.json"))?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() {
-            let tok = Tokenizer::from_file(&tok_path, gpt2.cfg.eos_token_id, gpt2.cfg.pad_token_id)?;
-            if tok.vocab_size() > gpt2.cfg.vocab_size {
+            let cfg = &backbone.cfg;
+            let tok = Tokenizer::from_file(&tok_path, cfg.first_eos(), cfg.pad_token_id)?;
+            if tok.vocab_size() > cfg.vocab_size {
                 return Err(ModelError::Config {
                     path: dir.join("config.json"),
                     field: "vocab_size".into(),
                     msg: format!(
                         "{} is smaller than the tokenizer's vocabulary ({} tokens in {})\n\
                          hint: the tokenizer does not belong to this model; resize the embeddings or use the model's own tokenizer",
-                        gpt2.cfg.vocab_size,
+                        cfg.vocab_size,
                         tok.vocab_size(),
                         tok_path.display()
                     ),
@@ -128,28 +143,30 @@ impl Model {
             }
         }
         Ok(Self {
-            gpt2,
+            backbone,
             value_head,
             score_head,
             tokenizer,
             lora: None,
             quantization: None,
+            generation,
             source_dir: Some(dir.to_path_buf()),
             side_files,
         })
     }
 
-    /// A randomly initialised model of shape `cfg` (see [`Gpt2::random`]).
-    pub fn random(cfg: Gpt2Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    /// A randomly initialised model of shape `cfg` (see [`Transformer::random`]).
+    pub fn random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = RngStream::new(seed);
-        let gpt2 = Gpt2::random(cfg, &mut rng, dtype, device)?;
+        let backbone = Transformer::random(cfg, &mut rng, dtype, device)?;
         Ok(Self {
-            gpt2,
+            backbone,
             value_head: None,
             score_head: None,
             tokenizer: None,
             lora: None,
             quantization: None,
+            generation: None,
             source_dir: None,
             side_files: Vec::new(),
         })
@@ -161,8 +178,42 @@ impl Model {
     }
 
     /// The config.
-    pub fn cfg(&self) -> &Gpt2Config {
-        &self.gpt2.cfg
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.backbone.cfg
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.backbone.cfg.family
+    }
+
+    /// The backbone and LM head (family-neutral pieces, for code that walks or packs
+    /// weights; trainers use this type's methods).
+    pub fn backbone(&self) -> &Transformer {
+        &self.backbone
+    }
+
+    /// Mutable access to the backbone.
+    pub fn backbone_mut(&mut self) -> &mut Transformer {
+        &mut self.backbone
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.backbone.dtype()
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        self.backbone.device()
+    }
+
+    /// Sets every dropout probability to zero (TRL's `disable_dropout`), value head included.
+    pub fn disable_dropout(&mut self) {
+        self.backbone.cfg.disable_dropout();
+        if let Some(v) = &mut self.value_head {
+            v.dropout = 0.0;
+        }
     }
 
     /// The tokenizer, or an error saying the directory had none.
@@ -172,6 +223,35 @@ impl Model {
         })
     }
 
+    /// The ids that end generation: `generation_config.json`'s `eos_token_id` (a number or a
+    /// list) when present, else `config.json`'s, else the tokenizer's EOS.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from_gen = self
+            .generation
+            .as_ref()
+            .and_then(|g| g.get("eos_token_id"))
+            .map(|v| match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+                other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            })
+            .filter(|v: &Vec<u32>| !v.is_empty());
+        from_gen
+            .or_else(|| Some(self.cfg().eos_token_id.clone()).filter(|v| !v.is_empty()))
+            .or_else(|| self.tokenizer.as_ref().map(|t| vec![t.eos_token_id]))
+            .unwrap_or_default()
+    }
+
+    /// The pad id a score head pools by ([`crate::heads::pooled_index`]) and batches are
+    /// padded with: `pad_token_id` from the config, else the tokenizer's pad token, else the
+    /// first EOS (what TRL's trainers set, and what [`Model::save`] writes into
+    /// `config.json`).
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.cfg()
+            .pad_token_id
+            .or_else(|| self.tokenizer.as_ref().map(|t| t.pad_token_id))
+            .or(self.cfg().first_eos())
+    }
+
     /// Adds a freshly initialised value head if there is none; returns whether it did
     /// (TRL logs a notice then: expected unless resuming PPO training).
     pub fn ensure_value_head(&mut self, seed: u64) -> Result<bool> {
@@ -179,9 +259,9 @@ impl Model {
             return Ok(false);
         }
         let mut rng = RngStream::new(seed);
-        let h = self.cfg().n_embd;
+        let h = self.cfg().hidden_size;
         let p = self.cfg().summary_dropout_prob;
-        self.value_head = Some(ValueHead::random(h, p, &mut rng, self.gpt2.device())?);
+        self.value_head = Some(ValueHead::random(h, p, &mut rng, self.backbone.device())?);
         Ok(true)
     }
 
@@ -192,14 +272,19 @@ impl Model {
             return Ok(false);
         }
         let mut rng = RngStream::new(seed);
-        let (h, n) = (self.cfg().n_embd, self.cfg().num_labels);
-        self.score_head = Some(ScoreHead::random(h, n, &mut rng, self.gpt2.device())?);
+        let (h, n) = (self.cfg().hidden_size, self.cfg().num_labels);
+        self.score_head = Some(ScoreHead::random(h, n, &mut rng, self.backbone.device())?);
         Ok(true)
+    }
+
+    /// Sets `num_labels` (the score head's rows), before [`Model::ensure_score_head`].
+    pub fn set_num_labels(&mut self, n: usize) {
+        self.backbone.cfg.num_labels = n;
     }
 
     /// Makes every weight, heads included, trainable (full fine-tuning) or frozen.
     pub fn set_trainable(&mut self, trainable: bool) -> Result<()> {
-        self.gpt2.set_trainable(trainable)?;
+        self.backbone.set_trainable(trainable)?;
         let mut heads: Vec<&mut Param> = Vec::new();
         if let Some(v) = &mut self.value_head {
             heads.push(&mut v.weight);
@@ -218,23 +303,91 @@ impl Model {
         Ok(())
     }
 
+    /// The backbone's final hidden states over a padded batch, positions from the mask.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `(B, T)` → `(B, T, H)`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
+        self.backbone.forward(ids, mask, None, fwd)
+    }
+
+    /// [`Model::forward`] with explicit position ids (`B·T`, row-major), e.g. `arange` over
+    /// left-padded rows as TRL's GRPO/RLOO scoring passes none.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `(B, T)`, `positions`: `B·T` → `(B, T, H)`.
+    pub fn forward_at(&self, ids: &Tensor, mask: &Tensor, positions: &[u32], fwd: &mut Fwd) -> Result<Tensor> {
+        self.backbone.forward_at(ids, mask, Some(positions), None, fwd)
+    }
+
+    /// [`Model::forward`] with a KV cache: `mask` covers the cached past and `ids`.
+    ///
+    /// # Shapes
+    /// `ids`: `(B, T)`, `mask`: `(B, past + T)` → `(B, T, H)`.
+    pub fn forward_cached(&self, ids: &Tensor, mask: &Tensor, cache: &mut KvCache, fwd: &mut Fwd) -> Result<Tensor> {
+        self.backbone.forward(ids, mask, Some(cache), fwd)
+    }
+
+    /// Hidden states of sequences packed end to end without padding
+    /// ([`Transformer::forward_packed`]).
+    ///
+    /// # Shapes
+    /// `seqs`: `B` sequences → `(N, H)`, `N` = total length.
+    pub fn forward_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
+        self.backbone.forward_packed(seqs, fwd)
+    }
+
+    /// An empty KV cache for `batch` rows of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = self.cfg();
+        KvCache::new(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            self.dtype(),
+            self.device(),
+        )
+    }
+
+    /// LM-head logits of hidden states, in f32 (f64 for an f64 model).
+    ///
+    /// # Shapes
+    /// `hidden`: `(.., H)` → `(.., V)`.
+    pub fn lm_logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
+        self.backbone.lm_logits(hidden, grad)
+    }
+
+    /// The LM head's weight `(V, H)` (the embedding when tied), for the fused log-prob
+    /// kernels that never materialise the logits.
+    pub fn lm_head_weight(&self, grad: bool) -> Result<&Tensor> {
+        self.backbone.lm_head_weight(grad)
+    }
+
     /// Backbone forward then LM logits (f32).
     ///
     /// # Shapes
     /// `ids`, `mask`: `(B, T)` → `(B, T, V)`.
     pub fn logits(&self, ids: &Tensor, mask: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
-        let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
-        self.gpt2.lm_logits(&hidden, fwd.grad)
+        let hidden = self.forward(ids, mask, fwd)?;
+        self.lm_logits(&hidden, fwd.grad)
     }
 
-    /// The pad id a score head pools by ([`crate::heads::pooled_index`]) and batches are
-    /// padded with: `pad_token_id` from the config, else the tokenizer's pad token, else EOS
-    /// (what TRL's trainers set, and what [`Model::save`] writes into `config.json`).
-    pub fn pad_token_id(&self) -> Option<u32> {
-        self.cfg()
-            .pad_token_id
-            .or_else(|| self.tokenizer.as_ref().map(|t| t.pad_token_id))
-            .or(self.cfg().eos_token_id)
+    /// Value-head outputs per position (f32).
+    ///
+    /// # Shapes
+    /// `hidden`: `(B, T, H)` → `(B, T)`.
+    pub fn values(&self, hidden: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
+        let head = self.value_head.as_ref().ok_or_else(|| {
+            ModelError::Input("the model has no value head; hint: Model::ensure_value_head adds one".into())
+        })?;
+        head.forward(hidden, fwd)
+    }
+
+    /// Generates continuations of `prompts` ([`crate::generate::generate`]).
+    pub fn generate(&self, prompts: &[Vec<u32>], cfg: &GenerationConfig, rng: &mut RngStream) -> Result<Generation> {
+        crate::generate::generate(&self.backbone, prompts, cfg, rng)
     }
 
     /// Backbone forward then the score head at each row's rightmost token that is not
@@ -245,7 +398,7 @@ impl Model {
     /// `ids`, `mask`: `(B, T)` → `(B, num_labels)`.
     pub fn scores(&self, ids: &Tensor, mask: &Tensor, fwd: &mut Fwd) -> Result<Tensor> {
         let head = self.score_head()?;
-        let hidden = self.gpt2.forward(ids, mask, None, fwd)?;
+        let hidden = self.forward(ids, mask, fwd)?;
         head.forward_with(&hidden, ids, self.pad_token_id(), fwd.grad, fwd.adapters)
     }
 
@@ -253,13 +406,13 @@ impl Model {
         self.score_head.as_ref().ok_or_else(|| {
             ModelError::Input(
                 "the model has no score head (`score.weight`)\n\
-                 hint: pass a reward model (GPT2ForSequenceClassification, e.g. the output of `rlhf reward`)"
+                 hint: pass a reward model (a *ForSequenceClassification checkpoint, e.g. the output of `rlhf reward`)"
                     .into(),
             )
         })
     }
 
-    /// [`Model::scores`] of unpadded sequences, run packed ([`Gpt2::forward_packed`]): the
+    /// [`Model::scores`] of unpadded sequences, run packed ([`Model::forward_packed`]): the
     /// same scores as the padded batch (each sequence is read at its rightmost token that is
     /// not padding), with the position-wise work done on real tokens only.
     ///
@@ -267,7 +420,7 @@ impl Model {
     /// `seqs`: `B` sequences → `(B, num_labels)`, f32.
     pub fn scores_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
         let head = self.score_head()?;
-        let hidden = self.gpt2.forward_packed(seqs, fwd)?;
+        let hidden = self.forward_packed(seqs, fwd)?;
         let pad = self.pad_token_id();
         let mut start = 0usize;
         let mut rows = Vec::with_capacity(seqs.len());
@@ -279,18 +432,21 @@ impl Model {
         head.forward_rows(&hidden.index_select(&rows, 0)?, fwd.grad, fwd.adapters)
     }
 
-    /// Every weight under its checkpoint name (`transformer.` prefix for the backbone, as
-    /// transformers writes `GPT2LMHeadModel` / `GPT2ForSequenceClassification`).
+    /// Every weight under its checkpoint name (the family's backbone prefix —
+    /// `transformer.` or `model.` — for the backbone, as transformers writes its causal-LM
+    /// and sequence-classification classes), projections in the `(out, in)` layout used
+    /// inside.
     pub fn named_params(&self) -> Vec<(String, &Param)> {
+        let prefix = self.family().names().prefix;
         let mut out: Vec<(String, &Param)> = self
-            .gpt2
+            .backbone
             .named_params()
             .into_iter()
             .map(|(n, p)| {
                 if n == "lm_head.weight" {
                     (n, p)
                 } else {
-                    (format!("transformer.{n}"), p)
+                    (format!("{prefix}.{n}"), p)
                 }
             })
             .collect();
@@ -307,15 +463,17 @@ impl Model {
     /// The transformers class that loads what [`Model::save`] writes.
     pub fn architecture(&self) -> &'static str {
         if self.score_head.is_some() {
-            "GPT2ForSequenceClassification"
+            self.family().seq_cls_class()
         } else {
-            "GPT2LMHeadModel"
+            self.family().causal_lm_class()
         }
     }
 
     /// Writes a Hugging Face directory transformers loads: `config.json`, `model.safetensors`
-    /// (with `v_head.summary.*` beside the weights as TRL saves them), `generation_config.json`
-    /// and the tokenizer files. Each file is written to a temporary name and renamed.
+    /// (the file layout of the family — GPT-2's `Conv1D` weights transposed back — with
+    /// `v_head.summary.*` beside the weights as TRL saves them; a sequence-classification
+    /// model has no `lm_head.weight`), `generation_config.json` and the tokenizer files.
+    /// Each file is written to a temporary name and renamed.
     ///
     /// A model with a LoRA adapter or quantized projections is refused: save the adapter
     /// ([`crate::lora::save_adapter`]) or merge it first ([`crate::lora::merge_and_unload`]).
@@ -330,20 +488,37 @@ impl Model {
             });
         }
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tensors: BTreeMap<String, Tensor> = self
-            .named_params()
-            .into_iter()
-            .map(|(n, p)| (n, p.value().clone()))
-            .collect();
+        let prefix = format!("{}.", self.family().names().prefix);
+        let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, p) in self.named_params() {
+            if name == "lm_head.weight" && self.score_head.is_some() {
+                continue;
+            }
+            let relative = name.strip_prefix(&prefix).unwrap_or(&name);
+            let t = match self.backbone.stored_transposed(relative) {
+                true => p.value().t()?.contiguous()?,
+                false => p.value().clone(),
+            };
+            tensors.insert(name, t);
+        }
         save_safetensors(&tensors, &dir.join("model.safetensors"))?;
-        let mut cfg = self.gpt2.cfg.clone();
+        let mut cfg = self.backbone.cfg.clone();
         // The pad id the score was pooled by, so that transformers pools the same token.
         cfg.pad_token_id = self.pad_token_id();
         write_json(&dir.join("config.json"), &cfg.to_json(self.architecture()))?;
-        let gen = serde_json::json!({
-            "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id,
-        });
+        let mut gen = self.generation.clone().unwrap_or_else(|| serde_json::json!({}));
+        if let Some(g) = gen.as_object_mut() {
+            g.insert("bos_token_id".into(), cfg.bos_token_id.into());
+            if !g.contains_key("eos_token_id") {
+                g.insert(
+                    "eos_token_id".into(),
+                    cfg.to_json(self.architecture())["eos_token_id"].clone(),
+                );
+            }
+            if cfg.pad_token_id.is_some() && !g.contains_key("pad_token_id") {
+                g.insert("pad_token_id".into(), cfg.pad_token_id.into());
+            }
+        }
         write_json(&dir.join("generation_config.json"), &gen)?;
         if let Some(tok) = &self.tokenizer {
             write_atomic(&dir.join("tokenizer.json"), tok.json().as_bytes())?;
@@ -352,11 +527,11 @@ impl Model {
                 write_atomic(&dir.join(name), bytes)?;
                 have.push(name);
             }
-            if !have.contains(&"tokenizer_config.json") {
+            if !have.contains(&"tokenizer_config.json") && self.family() == Family::Gpt2 {
                 let eos = tok.id_to_token(tok.eos_token_id).unwrap_or_default();
                 let tc = serde_json::json!({
                     "tokenizer_class": "GPT2Tokenizer",
-                    "model_max_length": cfg.n_positions,
+                    "model_max_length": cfg.max_position_embeddings,
                     "bos_token": eos, "eos_token": eos, "unk_token": eos,
                     "add_prefix_space": false,
                     "clean_up_tokenization_spaces": false,
@@ -372,6 +547,18 @@ impl Model {
         self.tokenizer = Some(tokenizer);
         self.side_files.clear();
     }
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let v = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Some(v))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

@@ -9,7 +9,8 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{io_err, ModelError, Result};
 
-/// Tensors of a checkpoint keyed by name, with the `transformer.` prefix stripped.
+/// Tensors of a checkpoint keyed by name (as stored; [`Weights::strip_prefix`] removes a
+/// backbone prefix such as `transformer.` or `model.`).
 pub struct Weights {
     tensors: HashMap<String, (Tensor, PathBuf)>,
     /// Non-float tensors that were not loaded: name → (dtype, file).
@@ -71,8 +72,7 @@ impl Weights {
     }
 
     /// Reads one safetensors file (e.g. a PEFT `adapter_model.safetensors`), converting float
-    /// tensors to `dtype`. Names starting with `transformer.` lose that prefix, as in
-    /// [`Weights::from_dir`].
+    /// tensors to `dtype`.
     pub fn from_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let mut w = Self {
             tensors: HashMap::new(),
@@ -81,6 +81,27 @@ impl Weights {
         };
         w.read_file(path, dtype, device)?;
         Ok(w)
+    }
+
+    /// Removes `prefix` (e.g. `transformer.`) from every name that starts with it, so that a
+    /// causal-LM checkpoint and one saved from the bare backbone class read alike.
+    pub fn strip_prefix(&mut self, prefix: &str) {
+        fn rename<V>(m: &mut HashMap<String, V>, prefix: &str) {
+            let keys: Vec<String> = m.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+            for k in keys {
+                if let Some(v) = m.remove(&k) {
+                    m.insert(k[prefix.len()..].to_string(), v);
+                }
+            }
+        }
+        rename(&mut self.tensors, prefix);
+        rename(&mut self.skipped, prefix);
+    }
+
+    /// Drops the tensors whose name `drop` selects (buffers such as `rotary_emb.inv_freq`
+    /// that old converters wrote and no loader reads).
+    pub fn drop_matching(&mut self, drop: impl Fn(&str) -> bool) {
+        self.tensors.retain(|k, _| !drop(k));
     }
 
     /// Takes a tensor of any shape, if present.
@@ -111,14 +132,13 @@ impl Weights {
                 // Non-float buffers (e.g. the causal-mask `attn.bias` of old checkpoints) are
                 // not weights; they are skipped, and asking for one reports its dtype.
                 other => {
-                    let key = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
-                    self.skipped.insert(key, (format!("{other:?}"), path.to_path_buf()));
+                    self.skipped
+                        .insert(name.clone(), (format!("{other:?}"), path.to_path_buf()));
                     continue;
                 }
             };
             let t = Tensor::from_raw_buffer(view.data(), src, view.shape(), device)?.to_dtype(dtype)?;
-            let key = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
-            self.tensors.insert(key, (t, path.to_path_buf()));
+            self.tensors.insert(name, (t, path.to_path_buf()));
         }
         Ok(())
     }

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use rlhf_models::{Fwd, Gpt2Config, LoadOptions, Model};
+use rlhf_models::{Fwd, LoadOptions, Model, ModelConfig};
 
 /// A tiny random checkpoint (with the real tokenizer) written to `dir`.
 fn write_small(dir: &Path) {
-    let mut model = Model::random(Gpt2Config::new(1, 2, 8, 32, 50257), 0, DType::F32, &Device::Cpu).unwrap();
+    let mut model = Model::random(ModelConfig::gpt2(1, 2, 8, 32, 50257), 0, DType::F32, &Device::Cpu).unwrap();
     model.tokenizer = tiny().tokenizer;
     model.save(dir).unwrap();
 }
@@ -114,7 +114,7 @@ fn a_truncated_safetensors_file_is_reported_as_corrupt() {
 #[test]
 fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut model = Model::random(Gpt2Config::new(1, 2, 8, 32, 1000), 0, DType::F32, &Device::Cpu).unwrap();
+    let mut model = Model::random(ModelConfig::gpt2(1, 2, 8, 32, 1000), 0, DType::F32, &Device::Cpu).unwrap();
     model.tokenizer = tiny().tokenizer;
     model.save(dir.path()).unwrap();
     let err = load_err(dir.path());

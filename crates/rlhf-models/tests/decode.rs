@@ -46,10 +46,10 @@ fn prompts() -> Vec<Vec<u32>> {
 /// full forward of the sequence so far.
 fn check_against_full_forward(model: &Model, format: PackedFormat, tol: f32) {
     let mut seqs = prompts();
-    let mut dec = Decoder::new(&model.gpt2, seqs.len(), 32, format)
+    let mut dec = Decoder::new(model.backbone(), seqs.len(), 32, format)
         .unwrap()
         .expect("f32 CPU model");
-    let v = model.gpt2.cfg.vocab_size;
+    let v = model.cfg().vocab_size;
     let logits = dec.prefill(&seqs).unwrap();
     for (row, want) in full_logits(model, &seqs).iter().enumerate() {
         let d = rel_diff(&logits[row * v..(row + 1) * v], want);
@@ -106,13 +106,15 @@ fn decoding_applies_lora_adapters() {
 fn quantized_bases_and_other_dtypes_use_the_composed_path() {
     let mut model = tiny();
     quantize(&mut model, &QuantConfig::int8()).unwrap();
-    assert!(Decoder::new(&model.gpt2, 1, 8, PackedFormat::F32).unwrap().is_none());
+    assert!(Decoder::new(model.backbone(), 1, 8, PackedFormat::F32)
+        .unwrap()
+        .is_none());
     let opts = LoadOptions {
         dtype: DType::BF16,
         ..Default::default()
     };
     let bf16_model = Model::load(&tiny_dir(), &opts).unwrap();
-    assert!(Decoder::new(&bf16_model.gpt2, 1, 8, PackedFormat::F32)
+    assert!(Decoder::new(bf16_model.backbone(), 1, 8, PackedFormat::F32)
         .unwrap()
         .is_none());
 }
@@ -125,7 +127,7 @@ fn generation_gives_the_tokens_of_the_composed_path() {
         GenerationConfig {
             max_new_tokens: 12,
             do_sample: false,
-            eos_token_id: None,
+            eos_token_id: vec![],
             ..Default::default()
         },
         GenerationConfig {
@@ -136,14 +138,14 @@ fn generation_gives_the_tokens_of_the_composed_path() {
         GenerationConfig {
             max_new_tokens: 16,
             temperature: 3.0,
-            eos_token_id: Some(13),
+            eos_token_id: vec![13],
             min_new_tokens: 2,
             ..Default::default()
         },
     ] {
         for seed in 0..3 {
-            let fast = generate(&model.gpt2, &ps, &cfg, &mut RngStream::new(seed)).unwrap();
-            let oracle = generate_composed(&model.gpt2, &ps, &cfg, &mut RngStream::new(seed)).unwrap();
+            let fast = generate(model.backbone(), &ps, &cfg, &mut RngStream::new(seed)).unwrap();
+            let oracle = generate_composed(model.backbone(), &ps, &cfg, &mut RngStream::new(seed)).unwrap();
             assert_eq!(fast, oracle, "{cfg:?} seed {seed}");
         }
     }
@@ -152,7 +154,9 @@ fn generation_gives_the_tokens_of_the_composed_path() {
 #[test]
 fn bad_input_is_an_error() {
     let model = tiny();
-    let mut dec = Decoder::new(&model.gpt2, 2, 4, PackedFormat::F32).unwrap().unwrap();
+    let mut dec = Decoder::new(model.backbone(), 2, 4, PackedFormat::F32)
+        .unwrap()
+        .unwrap();
     assert!(dec.prefill(&[vec![1, 2], vec![]]).is_err());
     dec.prefill(&[vec![1, 2, 3], vec![4]]).unwrap();
     let err = dec.step(&[0, 1], &[5]).unwrap_err().to_string();

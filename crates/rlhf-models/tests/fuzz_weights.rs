@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rlhf_models::lora::{load_adapter, AdapterLoadOptions};
-use rlhf_models::{Gpt2Config, LoadOptions, Model};
+use rlhf_models::{LoadOptions, Model, ModelConfig};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
@@ -51,7 +51,7 @@ fn tiny_checkpoint() -> &'static Files {
     static FILES: OnceLock<Files> = OnceLock::new();
     FILES.get_or_init(|| {
         let dir = tempfile::tempdir().expect("invariant: a temp dir");
-        let model = Model::random(Gpt2Config::new(1, 2, 8, 16, 300), 0, DType::F32, &Device::Cpu)
+        let model = Model::random(ModelConfig::gpt2(1, 2, 8, 16, 300), 0, DType::F32, &Device::Cpu)
             .expect("invariant: a valid config");
         model.save(dir.path()).expect("invariant: the temp dir is writable");
         ["config.json", "model.safetensors"]
@@ -554,7 +554,7 @@ proptest! {
         match Model::load(dir.path(), &LoadOptions::default()) {
             Ok(m) => {
                 // Whatever loaded must fit its config.
-                prop_assert_eq!(m.gpt2.blocks.len(), m.cfg().n_layer);
+                prop_assert_eq!(m.backbone().layers.len(), m.cfg().num_hidden_layers);
             }
             Err(e) => names_dir(&e.to_string(), dir.path())?,
         }

@@ -25,7 +25,7 @@ fn greedy(n: usize) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: n,
         do_sample: false,
-        eos_token_id: None,
+        eos_token_id: vec![],
         ..Default::default()
     }
 }
@@ -35,7 +35,7 @@ fn greedy_with_cache_equals_argmax_of_the_full_forward() {
     let model = tiny();
     let prompt = prompts(&model).remove(1);
     let out = generate(
-        &model.gpt2,
+        model.backbone(),
         std::slice::from_ref(&prompt),
         &greedy(12),
         &mut RngStream::new(0),
@@ -70,10 +70,10 @@ fn greedy_with_cache_equals_argmax_of_the_full_forward() {
 fn batched_left_padded_generation_equals_one_by_one() {
     let model = tiny();
     let ps = prompts(&model);
-    let batched = generate(&model.gpt2, &ps, &greedy(10), &mut RngStream::new(0)).unwrap();
+    let batched = generate(model.backbone(), &ps, &greedy(10), &mut RngStream::new(0)).unwrap();
     for (i, p) in ps.iter().enumerate() {
         let single = generate(
-            &model.gpt2,
+            model.backbone(),
             std::slice::from_ref(p),
             &greedy(10),
             &mut RngStream::new(0),
@@ -95,9 +95,9 @@ fn the_same_seed_gives_the_same_samples() {
         temperature: 0.9,
         ..Default::default()
     };
-    let a = generate(&model.gpt2, &ps, &cfg, &mut RngStream::new(42)).unwrap();
-    let b = generate(&model.gpt2, &ps, &cfg, &mut RngStream::new(42)).unwrap();
-    let c = generate(&model.gpt2, &ps, &cfg, &mut RngStream::new(43)).unwrap();
+    let a = generate(model.backbone(), &ps, &cfg, &mut RngStream::new(42)).unwrap();
+    let b = generate(model.backbone(), &ps, &cfg, &mut RngStream::new(42)).unwrap();
+    let c = generate(model.backbone(), &ps, &cfg, &mut RngStream::new(43)).unwrap();
     assert_eq!(a, b);
     assert_ne!(a.response_ids, c.response_ids);
 }
@@ -106,16 +106,16 @@ fn the_same_seed_gives_the_same_samples() {
 fn rows_stop_at_eos_independently_and_min_new_tokens_delays_it() {
     let model = tiny();
     let ps = prompts(&model);
-    let free = generate(&model.gpt2, &ps, &greedy(10), &mut RngStream::new(0)).unwrap();
+    let free = generate(model.backbone(), &ps, &greedy(10), &mut RngStream::new(0)).unwrap();
     // Make row 0's third greedy token the "EOS": row 0 stops there, keeping it; rows that
     // never produce it run to max_new_tokens.
     let eos = free.response_ids[0][2];
     let cfg = GenerationConfig {
-        eos_token_id: Some(eos),
+        eos_token_id: vec![eos],
         pad_token_id: 0,
         ..greedy(10)
     };
-    let out = generate(&model.gpt2, &ps, &cfg, &mut RngStream::new(0)).unwrap();
+    let out = generate(model.backbone(), &ps, &cfg, &mut RngStream::new(0)).unwrap();
     let first = free.response_ids[0].iter().position(|&t| t == eos).unwrap();
     assert_eq!(out.response_ids[0], free.response_ids[0][..=first].to_vec());
     for (i, r) in out.response_ids.iter().enumerate().skip(1) {
@@ -129,7 +129,7 @@ fn rows_stop_at_eos_independently_and_min_new_tokens_delays_it() {
         min_new_tokens: first + 1,
         ..cfg
     };
-    let out = generate(&model.gpt2, &ps[..1], &late, &mut RngStream::new(0)).unwrap();
+    let out = generate(model.backbone(), &ps[..1], &late, &mut RngStream::new(0)).unwrap();
     assert!(out.response_ids[0].len() > first + 1 || !out.response_ids[0][..=first].contains(&eos));
 }
 
@@ -137,7 +137,7 @@ fn rows_stop_at_eos_independently_and_min_new_tokens_delays_it() {
 fn a_prompt_longer_than_n_positions_is_a_clear_error() {
     let model = tiny();
     let long = vec![464u32; 250];
-    let err = generate(&model.gpt2, &[long], &greedy(10), &mut RngStream::new(0))
+    let err = generate(model.backbone(), &[long], &greedy(10), &mut RngStream::new(0))
         .unwrap_err()
         .to_string();
     assert!(

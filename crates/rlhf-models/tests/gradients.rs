@@ -4,7 +4,7 @@
 //! graph, such as candle-nn's fused layer_norm / softmax.)
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_models::{Fwd, Gpt2Config, Model};
+use rlhf_models::{Fwd, Model, ModelConfig};
 use rlhf_ops::nn::Activation;
 use rlhf_peft::Param;
 
@@ -15,13 +15,8 @@ fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor
         adapters: true,
         sink: None,
     };
-    let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
-    let logits = model
-        .gpt2
-        .lm_logits(&hidden, grad)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
+    let hidden = model.forward(ids, mask, &mut fwd).unwrap();
+    let logits = model.lm_logits(&hidden, grad).unwrap().to_dtype(DType::F64).unwrap();
     let values = model
         .value_head
         .as_ref()
@@ -57,8 +52,8 @@ fn set_entry(p: &Param, idx: usize, value: f64) {
 }
 
 fn check(activation: Activation) {
-    let mut cfg = Gpt2Config::new(2, 2, 8, 16, 11);
-    cfg.activation = activation;
+    let mut cfg = ModelConfig::gpt2(2, 2, 8, 16, 11);
+    cfg.hidden_act = activation;
     cfg.disable_dropout();
     let mut model = Model::random(cfg, 3, DType::F64, &Device::Cpu).unwrap();
     model.ensure_value_head(4).unwrap();

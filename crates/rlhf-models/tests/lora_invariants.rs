@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use rlhf_models::lora::{apply_lora, count_parameters, merge_and_unload, quantize, QuantConfig};
-use rlhf_models::{Fwd, Gpt2Config, Model};
+use rlhf_models::{Fwd, Model, ModelConfig};
 use rlhf_ops::rng::RngStream;
 use rlhf_peft::lora::{InitLoraWeights, LoraBias, ReferenceBias, TargetModules};
 use rlhf_peft::{LoraConfig, Param, Proj};
@@ -102,7 +102,7 @@ fn merged_equals_unmerged_for_dense_int8_and_nf4_bases() {
         let merged = merge_and_unload(&model).unwrap();
         assert!(merged.lora.is_none() && merged.quantization.is_none());
         assert!(merged
-            .gpt2
+            .backbone()
             .projections()
             .iter()
             .all(|(_, p)| matches!(p, Proj::Dense(_))));
@@ -240,7 +240,7 @@ fn quantized_base_parameters_count_at_their_logical_size() {
 }
 
 fn f64_model() -> Model {
-    let mut cfg = Gpt2Config::new(2, 2, 8, 16, 11);
+    let mut cfg = ModelConfig::gpt2(2, 2, 8, 16, 11);
     cfg.disable_dropout();
     let mut model = Model::random(cfg, 3, DType::F64, &Device::Cpu).unwrap();
     model.ensure_value_head(4).unwrap();
@@ -255,10 +255,15 @@ fn f64_model() -> Model {
 
 fn scalar_loss(model: &Model, ids: &Tensor, mask: &Tensor, grad: bool) -> Tensor {
     let mut fwd = if grad { Fwd::eval_grad() } else { Fwd::eval() };
-    let hidden = model.gpt2.forward(ids, mask, None, &mut fwd).unwrap();
-    let logits = model.gpt2.lm_logits(&hidden, grad).unwrap();
+    let hidden = model.forward(ids, mask, &mut fwd).unwrap();
+    let logits = model.lm_logits(&hidden, grad).unwrap();
     let values = model.value_head.as_ref().unwrap().forward(&hidden, &mut fwd).unwrap();
-    let scores = model.score_head.as_ref().unwrap().forward(&hidden, ids, model.pad_token_id(), grad).unwrap();
+    let scores = model
+        .score_head
+        .as_ref()
+        .unwrap()
+        .forward(&hidden, ids, model.pad_token_id(), grad)
+        .unwrap();
     let n = logits.elem_count();
     let w: Vec<f64> = (0..n).map(|i| ((i * 7919 % 97) as f64 / 97.0) - 0.5).collect();
     let w = Tensor::from_vec(w, logits.shape(), &Device::Cpu).unwrap();
@@ -356,9 +361,7 @@ fn lora_dropout_is_seeded_and_off_in_eval_mode() {
     let mut c = cfg(&["c_attn"], LoraBias::None, false);
     c.lora_dropout = 0.3;
     apply_lora(&mut model, &c, 0).unwrap();
-    let mut cfg = model.gpt2.cfg.clone();
-    cfg.disable_dropout();
-    model.gpt2.cfg = cfg; // only LoRA's dropout remains
+    model.backbone_mut().cfg.disable_dropout(); // only LoRA's dropout remains
     let run = |seed| {
         let mut rng = RngStream::new(seed);
         logits(&model, &mut Fwd::train(&mut rng))

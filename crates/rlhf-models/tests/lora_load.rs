@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rlhf_models::lora::{apply_lora, load_adapter, save_adapter, AdapterLoadOptions};
 use rlhf_models::weights::save_safetensors;
-use rlhf_models::{Fwd, Gpt2Config, Model, ModelError};
+use rlhf_models::{Fwd, Model, ModelConfig, ModelError};
 use rlhf_peft::lora::ReferenceBias;
 use rlhf_peft::LoraConfig;
 use serde_json::Value;
@@ -132,7 +132,7 @@ fn err_text(r: Result<impl std::fmt::Debug, ModelError>) -> String {
 
 #[test]
 fn an_adapter_for_another_hidden_size_is_a_shape_error_naming_the_tensor() {
-    let mut model = Model::random(Gpt2Config::new(2, 4, 64, 256, 50257), 0, DType::F32, &Device::Cpu).unwrap();
+    let mut model = Model::random(ModelConfig::gpt2(2, 4, 64, 256, 50257), 0, DType::F32, &Device::Cpu).unwrap();
     let msg = err_text(load_adapter(&mut model, &adapter_dir("adapter"), &Default::default()));
     assert!(msg.contains("adapter_model.safetensors"), "{msg}");
     assert!(
@@ -145,7 +145,7 @@ fn an_adapter_for_another_hidden_size_is_a_shape_error_naming_the_tensor() {
 
 #[test]
 fn an_adapter_for_more_layers_is_an_error_naming_the_unmatched_tensors() {
-    let mut model = Model::random(Gpt2Config::new(1, 4, 128, 256, 50257), 0, DType::F32, &Device::Cpu).unwrap();
+    let mut model = Model::random(ModelConfig::gpt2(1, 4, 128, 256, 50257), 0, DType::F32, &Device::Cpu).unwrap();
     let msg = err_text(load_adapter(
         &mut model,
         &adapter_dir("adapter_seqcls"),

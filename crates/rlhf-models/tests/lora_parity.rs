@@ -152,7 +152,7 @@ fn with_the_default_reference_bias_adapters_disabled_is_exactly_the_base_model()
 fn peft_key(model: &Model, name: &str) -> String {
     let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
     let is_lora = model
-        .gpt2
+        .backbone()
         .projections()
         .iter()
         .any(|(n, p)| format!("transformer.{n}") == module && p.lora().is_some());
@@ -234,10 +234,11 @@ fn merged_c_attn_weight_matches_peft_corner_sum_and_sum_of_squares() {
     let r = reference();
     for (dir, key) in [("adapter", "causal_lm"), ("adapter_rslora", "causal_lm_rslora")] {
         let merged = merge_and_unload(&with_adapter(dir, &AdapterLoadOptions::default())).unwrap();
-        let Proj::Dense(d) = &merged.gpt2.blocks[0].c_attn else {
+        let Proj::Dense(d) = &merged.backbone().projections()[0].1 else {
             panic!("merged projection is dense")
         };
-        let w: Vec<Vec<f32>> = d.weight.value().to_vec2().unwrap();
+        // PEFT's numbers are of the `Conv1D` weight `(in, out)`; inside it is `(out, in)`.
+        let w: Vec<Vec<f32>> = d.weight.value().t().unwrap().to_vec2().unwrap();
         let rec = &r[key]["merged_c_attn_weight_h0"];
         assert_eq!((w.len(), w[0].len()), (128, 384));
         for (i, row) in f32s2(&rec["corner_4x4"]).iter().enumerate() {

@@ -4,11 +4,11 @@
 //! f32 through the fused packed attention kernel.
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_models::{Fwd, Gpt2Config, Model};
+use rlhf_models::{Fwd, Model, ModelConfig};
 use rlhf_peft::Param;
 
 fn model_in(dtype: DType) -> Model {
-    let mut cfg = Gpt2Config::new(2, 2, 8, 16, 11);
+    let mut cfg = ModelConfig::gpt2(2, 2, 8, 16, 11);
     cfg.disable_dropout();
     // The padded batch is filled with id 10, the id the score head pools around.
     cfg.pad_token_id = Some(10);

@@ -159,11 +159,8 @@ fn trl_batched_forward_pass_logprobs_and_values_match() {
     let mask = u32s2(&fp["attention_mask"]);
     let resp_mask = u32s2(&fp["masks"]);
     let mut fwd = Fwd::eval();
-    let hidden = model
-        .gpt2
-        .forward(&tensor2(&ids), &tensor2(&mask), None, &mut fwd)
-        .unwrap();
-    let logits = model.gpt2.lm_logits(&hidden, false).unwrap();
+    let hidden = model.forward(&tensor2(&ids), &tensor2(&mask), &mut fwd).unwrap();
+    let logits = model.lm_logits(&hidden, false).unwrap();
     let values: Vec<Vec<f32>> = model
         .value_head
         .as_ref()

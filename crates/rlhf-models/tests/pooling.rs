@@ -28,10 +28,21 @@ fn reward_model(cfg: &Value) -> Model {
     let st = fixtures().join("families/gpt2_pooling_score.safetensors");
     let w = candle_core::safetensors::load(&st, &Device::Cpu).expect("score weight");
     let w = w.values().next().expect("one tensor").to_dtype(DType::F32).unwrap();
-    let from_json = pooling()["score_weight"].as_array().expect("rows").iter().flat_map(|r| f32s(r)).collect::<Vec<_>>();
-    assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), from_json, "the two copies of score.weight agree");
-    model.score_head = Some(ScoreHead { weight: Param::frozen(w) });
-    model.gpt2.cfg.pad_token_id = cfg["config_pad_token_id"].as_u64().map(|v| v as u32);
+    let from_json = pooling()["score_weight"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .flat_map(f32s)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        from_json,
+        "the two copies of score.weight agree"
+    );
+    model.score_head = Some(ScoreHead {
+        weight: Param::frozen(w),
+    });
+    model.backbone_mut().cfg.pad_token_id = cfg["config_pad_token_id"].as_u64().map(|v| v as u32);
     model
 }
 
@@ -51,11 +62,20 @@ fn single_texts_score_like_transformers_at_the_same_token() {
     for cfg in p["configs"].as_array().unwrap() {
         let model = reward_model(cfg);
         let pad = model.pad_token_id();
-        for (case, want) in p["cases"].as_array().unwrap().iter().zip(cfg["single"].as_array().unwrap()) {
+        for (case, want) in p["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(cfg["single"].as_array().unwrap())
+        {
             let ids = u32s(&case["input_ids"]);
             let name = case["name"].as_str().unwrap();
-            assert_eq!(pooled_index(&ids, pad), want["pooled_index"].as_u64().unwrap() as usize, "{name}: pooled index");
-            let got = scores(&model, &[ids.clone()], &[vec![1; ids.len()]]);
+            assert_eq!(
+                pooled_index(&ids, pad),
+                want["pooled_index"].as_u64().unwrap() as usize,
+                "{name}: pooled index"
+            );
+            let got = scores(&model, std::slice::from_ref(&ids), &[vec![1; ids.len()]]);
             assert_close(got[0], want["score"].as_f64().unwrap() as f32, TOL, name);
         }
     }
@@ -72,9 +92,17 @@ fn padded_batches_pool_the_rightmost_non_pad_token_on_either_side() {
         let (ids, mask) = (u32s2(&right["input_ids"]), u32s2(&right["attention_mask"]));
         let want_idx = u32s(&right["pooled_index"]);
         for (r, row) in ids.iter().enumerate() {
-            assert_eq!(pooled_index(row, model.pad_token_id()), want_idx[r] as usize, "{label} right row {r}");
+            assert_eq!(
+                pooled_index(row, model.pad_token_id()),
+                want_idx[r] as usize,
+                "{label} right row {r}"
+            );
         }
-        for (r, (g, w)) in scores(&model, &ids, &mask).iter().zip(f32s(&right["scores"])).enumerate() {
+        for (r, (g, w)) in scores(&model, &ids, &mask)
+            .iter()
+            .zip(f32s(&right["scores"]))
+            .enumerate()
+        {
             assert_close(*g, w, TOL, &format!("{label}: right-padded row {r}"));
         }
         // Left padding: positions come from the mask here, which transformers gets by passing
@@ -83,14 +111,27 @@ fn padded_batches_pool_the_rightmost_non_pad_token_on_either_side() {
         let (ids, mask) = (u32s2(&left["input_ids"]), u32s2(&left["attention_mask"]));
         let want_idx = u32s(&left["pooled_index"]);
         for (r, row) in ids.iter().enumerate() {
-            assert_eq!(pooled_index(row, model.pad_token_id()), want_idx[r] as usize, "{label} left row {r}");
+            assert_eq!(
+                pooled_index(row, model.pad_token_id()),
+                want_idx[r] as usize,
+                "{label} left row {r}"
+            );
         }
         let got = scores(&model, &ids, &mask);
-        for (r, (g, w)) in got.iter().zip(f32s(&left["scores_with_position_ids_cumsum"])).enumerate() {
+        for (r, (g, w)) in got
+            .iter()
+            .zip(f32s(&left["scores_with_position_ids_cumsum"]))
+            .enumerate()
+        {
             assert_close(*g, w, TOL, &format!("{label}: left-padded row {r}"));
         }
         // And the packed path reads the same token of each unpadded text.
-        let seqs: Vec<Vec<u32>> = p["cases"].as_array().unwrap().iter().map(|c| u32s(&c["input_ids"])).collect();
+        let seqs: Vec<Vec<u32>> = p["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| u32s(&c["input_ids"]))
+            .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let packed: Vec<f32> = model
             .scores_packed(&refs, &mut Fwd::eval())
@@ -124,8 +165,8 @@ fn a_batch_without_a_pad_id_is_refused_but_one_row_scores_at_its_last_token() {
     });
     let mut hidden_model = model.clone();
     hidden_model.tokenizer = None;
-    hidden_model.gpt2.cfg.pad_token_id = None;
-    hidden_model.gpt2.cfg.eos_token_id = None;
+    hidden_model.backbone_mut().cfg.pad_token_id = None;
+    hidden_model.backbone_mut().cfg.eos_token_id = vec![];
     assert_eq!(hidden_model.pad_token_id(), None);
     let two = vec![vec![1u32, 2, 3], vec![4, 5, 6]];
     let err = hidden_model

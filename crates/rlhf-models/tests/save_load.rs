@@ -47,7 +47,7 @@ fn save_then_load_gives_identical_logits_values_and_scores() {
         .to_vec1::<f32>()
         .unwrap();
     assert_eq!(sa, sb);
-    let h = model.gpt2.forward(&ids, &mask, None, &mut fwd).unwrap();
+    let h = model.forward(&ids, &mask, &mut fwd).unwrap();
     let va = model.value_head.as_ref().unwrap().forward(&h, &mut fwd).unwrap();
     let vb = back.value_head.as_ref().unwrap().forward(&h, &mut fwd).unwrap();
     assert_eq!(

@@ -21,9 +21,51 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core:
     }
 }
 
-/// Whether the fused kernels apply: f32 tensors on the CPU.
+thread_local! {
+    /// Whether this thread may pick the fused CPU kernels (see [`set_fast_kernels`]).
+    static FAST: std::cell::Cell<bool> = std::cell::Cell::new(
+        std::env::var("RLHF_FAST_KERNELS").map_or(true, |v| v != "0"),
+    );
+}
+
+/// Whether this thread picks the fused CPU kernels where they apply (default: yes; the
+/// environment variable `RLHF_FAST_KERNELS=0` turns them off for every thread).
+pub fn fast_kernels() -> bool {
+    FAST.with(|f| f.get())
+}
+
+/// Restores the previous [`fast_kernels`] setting when dropped.
+#[must_use = "the setting is restored when the guard is dropped"]
+pub struct FastKernelsGuard {
+    previous: bool,
+}
+
+impl Drop for FastKernelsGuard {
+    fn drop(&mut self) {
+        FAST.with(|f| f.set(self.previous));
+    }
+}
+
+/// Switches this thread's fused kernels on or off until the guard is dropped. Off, every
+/// op takes its composed path (plain candle ops, the path of other devices and dtypes):
+/// the switch that keeps that path tested on the CPU.
+pub fn set_fast_kernels(on: bool) -> FastKernelsGuard {
+    let previous = FAST.with(|f| f.replace(on));
+    FastKernelsGuard { previous }
+}
+
+/// Whether the fused kernels apply: f32 tensors on the CPU, with [`fast_kernels`] on.
 pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    fast_kernels() && ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// Whether the fused kernels that also take f64 apply: f32 or f64 tensors on the CPU, with
+/// [`fast_kernels`] on.
+pub fn applies_f32_f64(ts: &[&Tensor]) -> bool {
+    fast_kernels()
+        && ts
+            .iter()
+            .all(|t| matches!(t.dtype(), DType::F32 | DType::F64) && t.device().is_cpu())
 }
 
 /// Rows per task for rows of `h` elements.

@@ -31,6 +31,39 @@ use rayon::prelude::*;
 
 use crate::nf4::Nf4Weight;
 
+thread_local! {
+    static LLM_INT8: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether passes without gradients on this thread run int8 projections through
+/// [`Int8Linear::forward_eval`] (bitsandbytes' LLM.int8 inference path, what transformers
+/// computes in eval mode) instead of the training path [`Int8Linear::forward`]. Off by default,
+/// so that PPO's rollout and training log-probs come from the same function; scoring and
+/// generation that must reproduce bitsandbytes' own outputs switch it on
+/// ([`set_llm_int8_inference`]).
+pub fn llm_int8_inference() -> bool {
+    LLM_INT8.with(|c| c.get())
+}
+
+/// Restores the previous [`llm_int8_inference`] setting when dropped.
+#[must_use = "the setting is restored when the guard is dropped"]
+pub struct LlmInt8Guard {
+    previous: bool,
+}
+
+impl Drop for LlmInt8Guard {
+    fn drop(&mut self) {
+        LLM_INT8.with(|c| c.set(self.previous));
+    }
+}
+
+/// Sets [`llm_int8_inference`] on this thread until the guard is dropped.
+pub fn set_llm_int8_inference(on: bool) -> LlmInt8Guard {
+    LlmInt8Guard {
+        previous: LLM_INT8.with(|c| c.replace(on)),
+    }
+}
+
 /// bnb's `int8_vectorwise_dequant` literal, `7.874015718698502e-3` (= f32(1/127)):
 /// `deq = f32(CB) * SCB * 7.874015718698502e-3`.
 #[allow(clippy::excessive_precision)] // bnb's digits

@@ -6,9 +6,11 @@
 //!
 //! `A: (r, in)`, `B: (out, r)` (PEFT's `lora_A.weight` / `lora_B.weight`), `scaling =
 //! lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA). The base is a frozen
-//! [`Proj::Dense`] in GPT-2's `Conv1D` layout `(in, out)`, or a frozen [`Proj::Int8`] /
-//! [`Proj::Nf4`] (QLoRA); the merged weight in `Conv1D` layout is `W + (B A)^T * scaling`
-//! (PEFT's `transpose(B @ A, fan_in_fan_out) * scaling`).
+//! [`Proj::Dense`] in `nn.Linear`'s layout `(out, in)`, or a frozen [`Proj::Int8`] /
+//! [`Proj::Nf4`] (QLoRA); the merged weight is `W + B A * scaling` (PEFT's
+//! `transpose(B @ A, fan_in_fan_out) * scaling` added to a weight stored in its own layout:
+//! a GPT-2 `Conv1D` checkpoint, `fan_in_fan_out = true`, is transposed at the model's
+//! boundary, so the sum inside is the same).
 //!
 //! Deliberate deviations from PEFT:
 //! * Adapters of bf16/f16 bases are kept in f32 (PEFT's `autocast_adapter_dtype=True`
@@ -22,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use rlhf_ops::nn::dropout;
 use rlhf_ops::rng::RngStream;
 
-pub use config::{InitLoraWeights, LoraBias, LoraConfig, ReferenceBias, TargetModules, TaskType, GPT2_DEFAULT_TARGETS};
+pub use config::{InitLoraWeights, LoraBias, LoraConfig, ReferenceBias, TargetModules, TaskType};
 
 use crate::int8::QuantError;
 use crate::proj::{matmul_2d, Proj, ProjCtx};
@@ -182,11 +184,10 @@ impl LoraLinear {
         y + delta
     }
 
-    /// The weight update in `Conv1D` layout, `(B A)^T * scaling`, `(in, out)`, in the
-    /// adapter dtype (PEFT `get_delta_weight` with `fan_in_fan_out=True`).
+    /// The weight update `B A * scaling`, `(out, in)`, in the adapter dtype (PEFT
+    /// `get_delta_weight`).
     pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
-        let ba = self.lora_b.value().matmul(self.lora_a.value())?;
-        ba.t()?.contiguous()? * self.scaling
+        self.lora_b.value().matmul(self.lora_a.value())? * self.scaling
     }
 }
 
@@ -218,7 +219,7 @@ mod tests {
         let w: Vec<f32> = (0..i * o).map(|_| rng.normal() as f32 * 0.1).collect();
         let b: Vec<f32> = (0..o).map(|_| rng.normal() as f32 * 0.1).collect();
         Proj::dense(
-            Param::frozen(Tensor::from_vec(w, (i, o), &Device::Cpu).unwrap()),
+            Param::frozen(Tensor::from_vec(w, (o, i), &Device::Cpu).unwrap()),
             Some(Param::frozen(Tensor::from_vec(b, o, &Device::Cpu).unwrap())),
         )
     }

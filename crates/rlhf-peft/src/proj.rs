@@ -1,13 +1,14 @@
 //! Linear projections of a transformer: the closed set of layer kinds a model matches on.
 //!
 //! [`Proj`] is `Dense | Lora | Int8 | Nf4`, matched in [`Proj::forward`] (and the few
-//! bookkeeping methods beside it). Every kind computes `y = x W + b` for a weight `W` of shape
-//! `(in, out)` in GPT-2's `Conv1D` layout; they differ in how `W` is stored and whether a
-//! low-rank update is added:
+//! bookkeeping methods beside it). Every kind computes `y = x W^T + b` for a weight `W` in
+//! `nn.Linear`'s layout `(out, in)` — the one layout inside, whatever a checkpoint stores
+//! (models transpose GPT-2's `Conv1D` weights once at load); they differ in how `W` is stored
+//! and whether a low-rank update is added:
 //!
 //! | kind | weight | forward |
 //! |---|---|---|
-//! | `Dense` | `(in, out)` [`Param`] | `x W + b` |
+//! | `Dense` | `(out, in)` [`Param`] | `x W^T + b` |
 //! | `Int8` | bnb `Int8Params` `(out, in)` | `x deq(W)^T + b` (bnb CPU `MatMul8bitFp`) |
 //! | `Nf4` | bnb `Params4bit` `(out, in)` | `x deq(W)^T + b` (bnb `MatMul4Bit`, f32) |
 //! | `Lora` | a frozen base of the three above | `base(x) + (dropout(x) A^T B^T) * scaling` |
@@ -45,10 +46,10 @@ impl ProjCtx<'static> {
     }
 }
 
-/// A dense projection stored in GPT-2's `Conv1D` layout: weight `(in, out)`, `y = x W + b`.
+/// A dense projection in `nn.Linear`'s layout: weight `(out, in)`, `y = x W^T + b`.
 #[derive(Clone, Debug)]
 pub struct Dense {
-    /// Weight `(in, out)`.
+    /// Weight `(out, in)`.
     pub weight: Param,
     /// Bias `(out)`.
     pub bias: Option<Param>,
@@ -57,20 +58,20 @@ pub struct Dense {
 impl Dense {
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.value().dims()[0]
+        self.weight.value().dims()[1]
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.value().dims()[1]
+        self.weight.value().dims()[0]
     }
 
-    /// `y = x W + b`.
+    /// `y = x W^T + b`.
     ///
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor, ctx: &ProjCtx) -> Result<Tensor> {
-        let y = matmul_2d(x, self.weight.get_in(ctx.grad, ctx.adapters))?;
+        let y = matmul_2d(x, &self.weight.get_in(ctx.grad, ctx.adapters).t()?)?;
         add_bias(y, self.bias.as_ref(), ctx)
     }
 }
@@ -86,11 +87,11 @@ pub struct Quantized<L> {
 }
 
 impl Quantized<Int8Linear> {
-    /// LLM.int8 rows of a dense `Conv1D` projection: the `(in, out)` weight is transposed
-    /// once to `(out, in)` and quantized per output row, as transformers' bitsandbytes
-    /// integration does for GPT-2 (`Linear8bitLt(in, out)` from `Conv1D.weight.T`).
+    /// LLM.int8 rows of a dense projection: the `(out, in)` weight quantized per output row,
+    /// as bitsandbytes stores an `nn.Linear` (and, for GPT-2, `Conv1D.weight.T`, which is
+    /// what the model holds).
     pub fn from_dense(d: &Dense, threshold: f32) -> crate::int8::Result<Self> {
-        let w = d.weight.value().t()?.contiguous()?.to_dtype(DType::F32)?;
+        let w = d.weight.value().contiguous()?.to_dtype(DType::F32)?;
         Ok(Self {
             linear: Int8Linear::from_dense(&w, None, threshold)?,
             bias: d.bias.clone(),
@@ -99,10 +100,10 @@ impl Quantized<Int8Linear> {
 }
 
 impl Quantized<Nf4Linear> {
-    /// NF4 blocks of a dense `Conv1D` projection (transposed once to `(out, in)`, then
-    /// flattened row-major into blocks of `blocksize`, as `Linear4bit` stores it).
+    /// NF4 blocks of a dense projection: the `(out, in)` weight flattened row-major into
+    /// blocks of `blocksize`, as `Linear4bit` stores it.
     pub fn from_dense(d: &Dense, blocksize: usize, double_quant: bool) -> crate::int8::Result<Self> {
-        let w = d.weight.value().t()?.contiguous()?.to_dtype(DType::F32)?;
+        let w = d.weight.value().contiguous()?.to_dtype(DType::F32)?;
         Ok(Self {
             linear: Nf4Linear::from_dense(&w, None, blocksize, double_quant)?,
             bias: d.bias.clone(),
@@ -124,7 +125,7 @@ pub enum Proj {
 }
 
 impl Proj {
-    /// A dense projection from a `(in, out)` weight and optional bias.
+    /// A dense projection from a `(out, in)` weight and optional bias.
     pub fn dense(weight: Param, bias: Option<Param>) -> Self {
         Self::Dense(Dense { weight, bias })
     }
@@ -132,7 +133,9 @@ impl Proj {
     /// Applies the projection.
     ///
     /// Quantized bases compute in f32 (bnb's `compute_dtype=float32`): the input is cast to
-    /// f32 and the output back to the input dtype.
+    /// f32 and the output back to the input dtype. An int8 base runs bnb's training path
+    /// (`MatMul8bitFp`), or, in passes without gradients with
+    /// [`crate::int8::set_llm_int8_inference`] on, its LLM.int8 inference path.
     ///
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
@@ -141,8 +144,12 @@ impl Proj {
             Self::Dense(d) => d.forward(x, ctx),
             Self::Lora(l) => l.forward(x, ctx),
             Self::Int8(q) => {
-                let y = q.linear.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-                add_bias(y, q.bias.as_ref(), ctx)
+                let x32 = x.to_dtype(DType::F32)?;
+                let y = match !ctx.grad && crate::int8::llm_int8_inference() {
+                    true => q.linear.forward_eval(&x32)?,
+                    false => q.linear.forward(&x32)?,
+                };
+                add_bias(y.to_dtype(x.dtype())?, q.bias.as_ref(), ctx)
             }
             Self::Nf4(q) => {
                 let y = q.linear.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
@@ -237,14 +244,18 @@ impl Proj {
         i * o + self.bias().map_or(0, |b| b.value().elem_count())
     }
 
-    /// The weight `(in, out)` that this projection multiplies by, in `dtype`: the dense
+    /// The weight `(out, in)` that this projection multiplies by, in `dtype`: the dense
     /// weight; a quantized weight dequantized exactly as its forward does; for LoRA, the
     /// base's plus [`LoraLinear::delta_weight`] (PEFT's `merge`), summed in f32 or f64.
     pub fn effective_weight(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Dense(d) => d.weight.value().to_dtype(dtype),
-            Self::Int8(q) => dequantized_t(QuantizedWeight::Int8(q.linear.weight.clone()), dtype),
-            Self::Nf4(q) => dequantized_t(QuantizedWeight::Nf4(q.linear.weight.clone()), dtype),
+            Self::Int8(q) => QuantizedWeight::Int8(q.linear.weight.clone())
+                .dequantized()?
+                .to_dtype(dtype),
+            Self::Nf4(q) => QuantizedWeight::Nf4(q.linear.weight.clone())
+                .dequantized()?
+                .to_dtype(dtype),
             Self::Lora(l) => {
                 let delta = l.delta_weight()?;
                 let w = l.base.effective_weight(delta.dtype())?;
@@ -267,11 +278,6 @@ impl Proj {
     }
 }
 
-/// `deq(W)^T`, `(in, out)`, for a quantized `W: (out, in)`.
-fn dequantized_t(w: QuantizedWeight, dtype: DType) -> Result<Tensor> {
-    w.dequantized()?.t()?.contiguous()?.to_dtype(dtype)
-}
-
 /// `y + b` with the bias the context asks for ([`Param::get_in`]).
 fn add_bias(y: Tensor, bias: Option<&Param>, ctx: &ProjCtx) -> Result<Tensor> {
     match bias {
@@ -287,7 +293,8 @@ fn add_bias(y: Tensor, bias: Option<&Param>, ctx: &ProjCtx) -> Result<Tensor> {
     }
 }
 
-/// `x W` for `x: (.., in)` and `W: (in, out)`, flattening the leading dimensions into one
+/// `x W` for `x: (.., in)` and `W: (in, out)` (e.g. the transposed view `Wᵀ` of an
+/// `nn.Linear` weight, which costs no copy), flattening the leading dimensions into one
 /// matrix product (one large GEMM instead of a batched one), at the calling thread's
 /// [`rlhf_ops::precision`] (f32, or bf16 operands with f32 sums).
 pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {

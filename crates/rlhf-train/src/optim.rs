@@ -113,7 +113,7 @@ impl AdamW {
             let Some(g) = g else { continue };
             let decay = k.decay(slot.decay);
             let t = slot.var.as_tensor();
-            if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+            if rlhf_ops::kernels::applies(&[t]) && t.is_contiguous() {
                 let op = InPlaceAdam {
                     k: &k,
                     decay,

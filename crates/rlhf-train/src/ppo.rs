@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use rlhf_models::{generate, Fwd, GenerationConfig, Model};
+use rlhf_models::{Fwd, GenerationConfig, Model};
 use rlhf_ops::ppo::{
     compute_advantages, compute_rewards, lm_head_logprobs_and_entropy, log_softmax, logprobs_and_entropy, masked_mean,
     ppo_loss, KlController, KlPenalty, PpoLossConfig, PpoLossInputs,
@@ -144,12 +144,10 @@ impl PpoTrainer {
             if let Some((lo, hi)) = length_sampler {
                 cfg.max_new_tokens = lo + rng.below(hi.saturating_sub(lo).max(1));
             }
-            let g = generate(&self.model.gpt2, chunk, &cfg, rng)?;
+            let g = self.model.generate(chunk, &cfg, rng)?;
             for mut r in g.response_ids {
-                if let Some(eos) = gen.eos_token_id {
-                    if let Some(p) = r.iter().position(|&t| t == eos) {
-                        r.truncate(p + 1);
-                    }
+                if let Some(p) = r.iter().position(|t| gen.eos_token_id.contains(t)) {
+                    r.truncate(p + 1);
                 }
                 out.push(r);
             }
@@ -162,7 +160,7 @@ impl PpoTrainer {
         let t_total = Instant::now();
         let bs = self.config.batch_size;
         check_batch(queries, responses, scores, bs)?;
-        let device = self.model.gpt2.device().clone();
+        let device = self.model.device().clone();
 
         // 1. score scaling and clipping
         let mut scores: Vec<f32> = scores.to_vec();
@@ -239,7 +237,7 @@ impl PpoTrainer {
                     let mut rng = self.dropout.clone();
                     let sink = GradSink::new();
                     let mut fwd = Fwd::train(&mut rng).with_sink(&sink);
-                    let hidden = self.model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
+                    let hidden = self.model.forward(&ids, &mask, &mut fwd)?;
                     let tt = hidden.dim(1)?;
                     let vhead = self
                         .model
@@ -355,11 +353,7 @@ impl PpoTrainer {
             .zip(responses)
             .map(|(q, r)| [q.as_slice(), r.as_slice()].concat())
             .collect();
-        let pad_id = self
-            .model
-            .tokenizer
-            .as_ref()
-            .map_or(self.model.cfg().eos_token_id.unwrap_or(0), |t| t.pad_token_id);
+        let pad_id = self.model.pad_token_id().unwrap_or(0);
         let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, device)?;
         let t = ids.dim(1)?;
         let mut masks = vec![0f32; queries.len() * (t - 1)];
@@ -395,10 +389,10 @@ impl PpoTrainer {
             } else {
                 Fwd::eval().without_adapters()
             };
-            let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd)?;
+            let hidden = model.forward(&ids, &mask, &mut fwd)?;
             let h = hidden.narrow(1, 0, t - 1)?;
             if full {
-                let logits = model.gpt2.lm_logits(&h, false)?;
+                let logits = model.lm_logits(&h, false)?;
                 lps.push(logprobs_and_entropy(&logits, &ids.narrow(1, 1, t - 1)?)?.0);
                 fulls.push(log_softmax(&logits)?);
             } else {
@@ -467,11 +461,11 @@ fn head_logprobs(
     grad: bool,
     sink: Option<&GradSink>,
 ) -> Result<(Tensor, Tensor)> {
-    let w = model.gpt2.lm_head_weight(grad);
-    if matches!(h.dtype(), DType::F32 | DType::F64) && w.dtype() == h.dtype() {
+    let w = model.lm_head_weight(grad)?;
+    if rlhf_ops::kernels::applies_f32_f64(&[h, w]) && w.dtype() == h.dtype() {
         Ok(lm_head_logprobs_and_entropy(h, w, labels, sink)?)
     } else {
-        let logits = model.gpt2.lm_logits(h, grad)?;
+        let logits = model.lm_logits(h, grad)?;
         Ok(logprobs_and_entropy(&logits, labels)?)
     }
 }

@@ -165,7 +165,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
 
     // 2. prompts, tokenised; those that cannot fit a response are dropped
     let tok = trainer.model.tokenizer()?.clone();
-    let n_pos = trainer.model.cfg().n_positions;
+    let n_pos = trainer.model.cfg().max_position_embeddings;
     let max_new = cfg
         .output_max_length
         .map_or(cfg.max_new_tokens, |m| m.saturating_sub(1).max(1));
@@ -197,7 +197,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         temperature: cfg.temperature,
         top_k: cfg.top_k,
         top_p: cfg.top_p,
-        eos_token_id: Some(tok.eos_token_id),
+        eos_token_id: trainer.model.eos_token_ids(),
         pad_token_id: tok.pad_token_id,
     };
     let mut gen_rng = RngStream::new(cfg.ppo.seed.wrapping_add(2));
@@ -377,13 +377,13 @@ pub fn score_texts(rm: &Model, batch: &[&(String, Vec<u32>)], responses: &[Strin
     let mut seqs = Vec::with_capacity(batch.len());
     for ((q, _), r) in batch.iter().zip(responses) {
         let mut ids = reward_tokens(rm, q, r)?;
-        ids.truncate(rm.cfg().n_positions);
+        ids.truncate(rm.cfg().max_position_embeddings);
         seqs.push(ids);
     }
     let pad_id = rm.pad_token_id().unwrap_or(rm.tokenizer()?.pad_token_id);
     let mut out = Vec::with_capacity(seqs.len());
     for c in seqs.chunks(chunk.max(1)) {
-        let (ids, mask) = crate::collate::pad(c, pad_id, crate::collate::PadSide::Right, rm.gpt2.device())?;
+        let (ids, mask) = crate::collate::pad(c, pad_id, crate::collate::PadSide::Right, rm.device())?;
         let s = rm.scores(&ids, &mask, &mut rlhf_models::Fwd::eval())?;
         out.extend(s.flatten_all()?.to_vec1::<f32>()?);
     }

@@ -87,7 +87,9 @@ pub struct Pair {
 pub fn prepare_pairs(model: &Model, rows: &Rows, max_length: Option<usize>) -> Result<(Vec<Pair>, usize)> {
     let mut pairs = Vec::with_capacity(rows.len());
     let mut dropped = 0;
-    let limit = max_length.unwrap_or(usize::MAX).min(model.cfg().n_positions);
+    let limit = max_length
+        .unwrap_or(usize::MAX)
+        .min(model.cfg().max_position_embeddings);
     for i in 0..rows.len() {
         let prompt = rows.opt_text(i, "prompt")?.unwrap_or("");
         let chosen = reward_tokens(model, prompt, rows.text(i, "chosen")?)?;
@@ -137,7 +139,7 @@ pub struct PairBatchOutput {
 pub fn pair_loss(model: &Model, pairs: &[&Pair], center: Option<f64>, fwd: &mut Fwd) -> Result<PairBatchOutput> {
     let b = pairs.len();
     // Packed: no padding (the padded batch's scores at each last token, for about 2/3 of
-    // the work); see `Gpt2::forward_packed`.
+    // the work); see `Model::forward_packed`.
     let seqs: Vec<&[u32]> = pairs
         .iter()
         .map(|p| p.chosen.as_slice())
@@ -218,7 +220,7 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "SEQ_CLS", |m| {
         if args.disable_dropout {
-            m.gpt2.cfg.disable_dropout();
+            m.disable_dropout();
         }
         if m.ensure_score_head(args.seed)? {
             tracing::info!("no score head found; initialised `score` (normal, std 0.02)");

@@ -59,7 +59,7 @@ pub fn reward_tokens(model: &Model, prompt: &str, response: &str) -> Result<Vec<
 /// `response`, are single texts. Sequences longer than the model's `n_positions` are an
 /// error naming the row.
 pub fn score_rows(model: &Model, rows: &Rows, batch_size: usize) -> Result<Vec<Scored>> {
-    let n_pos = model.cfg().n_positions;
+    let n_pos = model.cfg().max_position_embeddings;
     let mut seqs: Vec<Vec<u32>> = Vec::new();
     let mut is_pair = Vec::with_capacity(rows.len());
     for i in 0..rows.len() {
@@ -94,7 +94,7 @@ pub fn score_rows(model: &Model, rows: &Rows, batch_size: usize) -> Result<Vec<S
         }
     }
     let pad_id = model.pad_token_id().unwrap_or(model.tokenizer()?.pad_token_id);
-    let device = model.gpt2.device();
+    let device = model.device();
     let mut rewards = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch_size.max(1)) {
         let (ids, mask) = pad(chunk, pad_id, PadSide::Right, device)?;

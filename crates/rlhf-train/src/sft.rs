@@ -86,7 +86,10 @@ pub struct Example {
 /// Tokenises SFT rows; rows longer than `max_length` are dropped and counted.
 pub fn prepare_examples(model: &Model, rows: &Rows, cfg: &SftConfig) -> Result<(Vec<Example>, usize)> {
     let tok = model.tokenizer()?;
-    let limit = cfg.max_length.unwrap_or(usize::MAX).min(model.cfg().n_positions);
+    let limit = cfg
+        .max_length
+        .unwrap_or(usize::MAX)
+        .min(model.cfg().max_position_embeddings);
     let (mut out, mut dropped) = (Vec::with_capacity(rows.len()), 0);
     for i in 0..rows.len() {
         let (mut ids, prompt_len) = if rows.has(i, "prompt") || rows.has(i, "completion") {
@@ -136,7 +139,7 @@ pub struct NllOutput {
 pub fn batch_nll(model: &Model, batch: &[&Example], fwd: &mut Fwd) -> Result<NllOutput> {
     let seqs: Vec<Vec<u32>> = batch.iter().map(|e| e.ids.clone()).collect();
     let pad_id = model.tokenizer()?.pad_token_id;
-    let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, model.gpt2.device())?;
+    let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, model.device())?;
     let t = ids.dim(1)?;
     let logits = model.logits(&ids, &mask, fwd)?.narrow(1, 0, t - 1)?;
     let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
@@ -199,7 +202,7 @@ pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
     let args = &cfg.args;
     let (run, resume, model) = open_run(cfg, args, &cfg.model_name_or_path, &cfg.peft, "CAUSAL_LM", |m| {
         if args.disable_dropout {
-            m.gpt2.cfg.disable_dropout();
+            m.disable_dropout();
         }
         Ok(())
     })?;

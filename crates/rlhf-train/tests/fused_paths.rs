@@ -6,18 +6,15 @@
 //! sums themselves are kept in f32).
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_models::{Fwd, Gpt2Config, Model};
+use rlhf_models::{Fwd, Model, ModelConfig};
 use rlhf_ops::ppo::{entropy_from_logits, lm_head_logprobs_and_entropy, logprobs_from_logits};
 use rlhf_ops::sink::GradSink;
 use rlhf_train::optim::Grads;
 use rlhf_train::trainer::trainable_params;
 
-fn config() -> Gpt2Config {
-    let mut cfg = Gpt2Config::tiny();
-    cfg.vocab_size = 97;
-    cfg.n_embd = 16;
-    cfg.n_head = 2;
-    cfg.n_positions = 32;
+fn config() -> ModelConfig {
+    let mut cfg = ModelConfig::gpt2(2, 2, 16, 32, 97);
+    cfg.intermediate_size = 512;
     cfg
 }
 
@@ -28,7 +25,7 @@ fn grads(model: &Model, fast: bool) -> Vec<Vec<f32>> {
     let labels = ids.narrow(1, 1, 5).unwrap();
     let weights = Tensor::new(&[[0.3f32, -1.0, 0.5, 2.0, 1.0], [1.0, 0.2, -0.7, 0.1, 0.9]], &dev)
         .unwrap()
-        .to_dtype(model.gpt2.dtype())
+        .to_dtype(model.dtype())
         .unwrap();
     let params = trainable_params(model);
     let vars: Vec<_> = params.iter().map(|(_, v)| v).collect();
@@ -37,13 +34,13 @@ fn grads(model: &Model, fast: bool) -> Vec<Vec<f32>> {
     if fast {
         fwd = fwd.with_sink(&sink);
     }
-    let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd).unwrap();
+    let hidden = model.forward(&ids, &mask, &mut fwd).unwrap();
     let h = hidden.narrow(1, 0, 5).unwrap();
     let (lp, ent) = if fast {
-        let w = model.gpt2.lm_head_weight(true);
+        let w = model.lm_head_weight(true).unwrap();
         lm_head_logprobs_and_entropy(&h, w, &labels, Some(&sink)).unwrap()
     } else {
-        let logits = model.gpt2.lm_logits(&h, true).unwrap();
+        let logits = model.lm_logits(&h, true).unwrap();
         (
             logprobs_from_logits(&logits, &labels).unwrap(),
             entropy_from_logits(&logits).unwrap(),

@@ -24,10 +24,7 @@ fn tiny() -> Model {
 fn shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.shape().to_vec()))
-        .collect()
+    st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect()
 }
 
 fn json(path: &Path) -> Value {
@@ -43,7 +40,10 @@ fn a_reward_model_directory_is_what_gpt2_for_sequence_classification_loads() {
     let dir = tempfile::tempdir().unwrap();
     save_trained(&model, dir.path()).unwrap();
     let cfg = json(&dir.path().join("config.json"));
-    assert_eq!(cfg["architectures"], serde_json::json!(["GPT2ForSequenceClassification"]));
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["GPT2ForSequenceClassification"])
+    );
     assert_eq!(cfg["pad_token_id"], 50256);
     assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
     assert_eq!(cfg["label2id"], serde_json::json!({"LABEL_0": 0}));
@@ -72,11 +72,24 @@ fn a_seq_cls_adapter_has_peft_keys_and_config() {
         "the same tensor names and shapes as PEFT's save_pretrained"
     );
     let ours = json(&dir.path().join(ADAPTER_CONFIG));
-    for key in ["peft_type", "task_type", "r", "lora_alpha", "fan_in_fan_out", "bias", "use_rslora", "inference_mode"] {
+    for key in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "inference_mode",
+    ] {
         assert_eq!(ours[key], theirs[key], "adapter_config.json `{key}`");
     }
     let set = |v: &Value| -> std::collections::BTreeSet<String> {
-        v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(set(&ours["target_modules"]), set(&theirs["target_modules"]));
     assert!(set(&ours["modules_to_save"]).contains("score"));
@@ -93,7 +106,10 @@ fn a_ppo_policy_keeps_trl_value_head_layout() {
     want.insert("v_head.summary.weight".into(), vec![1, 128]);
     want.insert("v_head.summary.bias".into(), vec![1]);
     assert_eq!(shapes(&dir.path().join("model.safetensors")), want);
-    assert_eq!(json(&dir.path().join("config.json"))["architectures"], serde_json::json!(["GPT2LMHeadModel"]));
+    assert_eq!(
+        json(&dir.path().join("config.json"))["architectures"],
+        serde_json::json!(["GPT2LMHeadModel"])
+    );
 
     // LoRA: the PEFT adapter files, and the value head alone beside them.
     let mut model = tiny();
@@ -103,7 +119,10 @@ fn a_ppo_policy_keeps_trl_value_head_layout() {
     let dir = tempfile::tempdir().unwrap();
     save_trained(&model, dir.path()).unwrap();
     let adapter = shapes(&dir.path().join(ADAPTER_WEIGHTS));
-    assert!(adapter.keys().all(|k| k.starts_with("base_model.model.transformer.h.")), "{adapter:?}");
+    assert!(
+        adapter.keys().all(|k| k.starts_with("base_model.model.transformer.h.")),
+        "{adapter:?}"
+    );
     assert_eq!(adapter.len(), 4, "lora_A/lora_B of c_attn in 2 layers");
     let heads = shapes(&dir.path().join("model.safetensors"));
     let want: BTreeMap<String, Vec<usize>> = [

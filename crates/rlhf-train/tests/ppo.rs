@@ -14,7 +14,7 @@ use rlhf_train::ppo_config::PpoConfig;
 
 fn tiny_no_dropout() -> Model {
     let mut m = Model::load(&fixtures().join("tiny-gpt2"), &LoadOptions::default()).unwrap();
-    m.gpt2.cfg.disable_dropout();
+    m.disable_dropout();
     m
 }
 
@@ -110,12 +110,9 @@ fn one_ppo_step_matches_trl_0_11() {
         rlhf_train::collate::pad(&seqs, 50256, rlhf_train::collate::PadSide::Right, &Device::Cpu).unwrap();
     let mut fwd = Fwd::eval();
     let model = &trainer.model;
-    let hidden = model.gpt2.forward(&ids, &mask, None, &mut fwd).unwrap();
+    let hidden = model.forward(&ids, &mask, &mut fwd).unwrap();
     let t = ids.dim(1).unwrap();
-    let logits = model
-        .gpt2
-        .lm_logits(&hidden.narrow(1, 0, t - 1).unwrap(), false)
-        .unwrap();
+    let logits = model.lm_logits(&hidden.narrow(1, 0, t - 1).unwrap(), false).unwrap();
     let lp: Vec<Vec<f32>> = logprobs_from_logits(&logits, &ids.narrow(1, 1, t - 1).unwrap())
         .unwrap()
         .to_vec2()
@@ -177,7 +174,7 @@ fn token_reward(response: &[u32]) -> f32 {
 fn ppo_raises_a_known_reward_while_kl_stays_bounded() {
     // A GPT-2 with a 16-token vocabulary, so that pure sampling (top_k 0, top_p 1, as TRL's
     // PPO examples) meets the rewarded token from the first step (chance 1/16).
-    let cfg = rlhf_models::Gpt2Config::new(2, 4, 64, 64, 16);
+    let cfg = rlhf_models::ModelConfig::gpt2(2, 4, 64, 64, 16);
     let mut policy = Model::random(cfg.clone(), 1, candle_core::DType::F32, &Device::Cpu).unwrap();
     policy.set_trainable(true).unwrap();
     let reference = Model::random(cfg, 1, candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -192,7 +189,7 @@ fn ppo_raises_a_known_reward_while_kl_stays_bounded() {
     assert!(fresh, "a plain LM gets a fresh value head");
     let gen = GenerationConfig {
         max_new_tokens: 8,
-        eos_token_id: None,
+        eos_token_id: vec![],
         pad_token_id: 0,
         ..Default::default()
     };

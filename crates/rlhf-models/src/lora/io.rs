@@ -10,7 +10,8 @@
 //! | saved module `score` | `base_model.model.score.weight` | `(num_labels, H)` |
 //! | saved module `v_head` (ours) | `base_model.model.v_head.summary.{weight,bias}` | `(1, H)`, `(1)` |
 //!
-//! `M` is the full module name, e.g. `transformer.h.0.attn.c_attn`. The loader also takes
+//! `M` is the full module name, e.g. `transformer.h.0.attn.c_attn` (GPT-2) or
+//! `model.layers.0.self_attn.q_proj` (Llama family). The loader also takes
 //! PEFT's quirks: `modules_to_save` with duplicates, `fan_in_fan_out` either way, targeted
 //! biases under peft 0.13's `M.bias`, and adapters without bias tensors.
 
@@ -54,9 +55,10 @@ pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
     })?;
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut saved_biases: HashSet<String> = HashSet::new();
-    for (name, proj) in model.gpt2.projections() {
+    let prefix = model.family().names().prefix;
+    for (name, proj) in model.backbone().projections() {
         let Some(l) = proj.lora() else { continue };
-        let m = format!("{PEFT_PREFIX}transformer.{name}");
+        let m = format!("{PEFT_PREFIX}{prefix}.{name}");
         tensors.insert(format!("{m}.lora_A.weight"), l.lora_a.value().clone());
         tensors.insert(format!("{m}.lora_B.weight"), l.lora_b.value().clone());
         if let (Some(b), true) = (proj.bias(), cfg.bias != LoraBias::None) {
@@ -65,9 +67,9 @@ pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
         }
     }
     if cfg.bias == LoraBias::All {
-        for (name, p) in model.gpt2.named_params() {
+        for (name, p) in model.backbone().named_params() {
             if name.ends_with(".bias") && !saved_biases.contains(&name) {
-                tensors.insert(format!("{PEFT_PREFIX}transformer.{name}"), p.value().clone());
+                tensors.insert(format!("{PEFT_PREFIX}{prefix}.{name}"), p.value().clone());
             }
         }
     }
@@ -127,7 +129,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
             "missing; only adapter_model.bin (a pickle) is there\nhint: re-save the adapter with save_pretrained(..., safe_serialization=True)".into(),
         ));
     }
-    let mut w = Weights::from_file(&wpath, DType::F32, model.gpt2.device())?;
+    let mut w = Weights::from_file(&wpath, DType::F32, model.device())?;
     if let Some(name) = w.skipped().first() {
         return Err(adapter_err(&wpath, format!("tensor `{name}` is not a float tensor")));
     }
@@ -145,7 +147,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
 
     let mut m = model.clone();
     let saved = saved_modules(&cfg).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
-    let h = m.cfg().n_embd;
+    let h = m.cfg().hidden_size;
+    let family = m.family();
+    let (prefix, defaults) = (family.names().prefix, family.default_lora_targets());
     for s in &saved {
         match s {
             SavedModule::Score if m.score_head.is_none() => {
@@ -161,7 +165,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
                         ))
                     }
                 };
-                m.gpt2.cfg.num_labels = num_labels;
+                m.set_num_labels(num_labels);
                 m.score_head = Some(ScoreHead {
                     weight: Param::frozen(ws.clone()),
                 });
@@ -190,9 +194,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
     // Every factor is checked against `r` and the model before `apply_lora` allocates
     // `r × in` factors: `r` comes from the file, and a huge one must be a shape error, not
     // an aborted allocation.
-    for (name, proj) in m.gpt2.projections() {
-        let module = format!("transformer.{name}");
-        if cfg.is_target(&module) {
+    for (name, proj) in m.backbone().projections() {
+        let module = format!("{prefix}.{name}");
+        if cfg.is_target(&module, defaults) {
             for f in factors(&cfg, &module, proj.shape()) {
                 f.check(&t, &wpath)?;
             }
@@ -200,10 +204,10 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
     }
     apply_lora(&mut m, &cfg, 0).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
     let keep = cfg.reference_bias == ReferenceBias::Original;
-    for (name, proj) in m.gpt2.projections_mut() {
+    for (name, proj) in m.backbone_mut().projections_mut() {
         let shape = proj.shape();
         let Proj::Lora(l) = proj else { continue };
-        let module = format!("transformer.{name}");
+        let module = format!("{prefix}.{name}");
         let [fa, fb] = factors(&cfg, &module, shape);
         for (f, p) in [(fa, &mut l.lora_a), (fb, &mut l.lora_b)] {
             f.check(&t, &wpath)?;
@@ -219,8 +223,8 @@ pub fn load_adapter(model: &mut Model, dir: &Path, opts: &AdapterLoadOptions) ->
             assign_bias(proj.bias_mut(), &bv, keep, &wpath, &format!("{module}.base_layer.bias"))?;
         }
     }
-    for (name, p) in m.gpt2.named_params_mut() {
-        let key = format!("transformer.{name}");
+    for (name, p) in m.backbone_mut().named_params_mut() {
+        let key = format!("{prefix}.{name}");
         if let (true, Some(bv)) = (name.ends_with(".bias"), t.remove(&key)) {
             assign_bias(Some(p), &bv, keep, &wpath, &key)?;
         }

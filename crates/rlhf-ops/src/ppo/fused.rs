@@ -36,7 +36,15 @@ pub fn logprobs_and_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor,
     let Some((&v, lead)) = dims.split_last() else {
         return Err(shape_err("`logits` is a scalar, expected (.., V)".into()));
     };
-    let labels = checked_labels(labels, lead, v, "logits", dims, shape_err)?;
+    let labels_host = checked_labels(labels, lead, v, "logits", dims, shape_err)?;
+    if !crate::kernels::applies_f32_f64(&[logits]) {
+        // Other devices and dtypes (and the fast kernels switched off): composed ops.
+        return Ok((
+            super::logprobs_from_logits(logits, labels)?,
+            super::entropy_from_logits(logits)?,
+        ));
+    }
+    let labels = labels_host;
     let op = LogprobEntropy {
         labels: Arc::new(labels),
         vocab: v,
@@ -106,6 +114,15 @@ pub fn lm_head_logprobs_and_entropy(
         )));
     }
     let ys = checked_labels(labels, lead, v, "hidden", &hdims, shape_err)?;
+    if !crate::kernels::applies_f32_f64(&[hidden, w]) || hidden.dtype() != w.dtype() {
+        // Other devices and dtypes (and the fast kernels switched off): the logits, then
+        // composed ops; `w`'s gradient goes through the graph.
+        let logits = hidden.broadcast_matmul(&w.t()?)?;
+        return Ok((
+            super::logprobs_from_logits(&logits, labels)?,
+            super::entropy_from_logits(&logits)?,
+        ));
+    }
     let n: usize = lead.iter().product();
     let h2 = hidden.reshape((n, h))?;
     // The thread's matrix-product precision, fixed for the backward's products too.

@@ -9,7 +9,7 @@
 //! On the CPU (f32/f64) these call the fused kernels of [`crate::ppo`]; elsewhere the
 //! composed candle ops, which are also the kernels' oracle.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::{Result, RlError};
 use crate::ppo;
@@ -29,7 +29,7 @@ fn check_temperature(temperature: f64) -> Result<()> {
 
 /// Whether the fused CPU kernels can take a tensor of this device and dtype.
 fn fused_ok(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    crate::kernels::applies_f32_f64(&[t])
 }
 
 /// `(log_softmax(logits / τ)[labels], entropy(softmax(logits / τ)))` per position,
@@ -100,7 +100,7 @@ pub fn masked_sequence_sum(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn temperature_divides_the_logits_before_the_softmax() {

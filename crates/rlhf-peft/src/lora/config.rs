@@ -6,10 +6,6 @@ use serde_json::{Map, Value};
 
 use super::LoraError;
 
-/// PEFT's per-architecture default `target_modules` for GPT-2
-/// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gpt2"]`).
-pub const GPT2_DEFAULT_TARGETS: &[&str] = &["c_attn"];
-
 /// PEFT config switches we do not implement: loading an adapter that turns one on is an
 /// error rather than a silently different model.
 const UNSUPPORTED_SWITCHES: &[&str] = &[
@@ -89,7 +85,7 @@ pub enum TaskType {
 pub enum TargetModules {
     /// A module matches a name `n` when its full name equals `n` or ends with `.n`.
     List(Vec<String>),
-    /// `"all-linear"`: every `Conv1D` projection, never the LM head.
+    /// `"all-linear"`: every projection of the blocks, never the LM head or a score head.
     One(String),
 }
 
@@ -255,11 +251,13 @@ impl LoraConfig {
     }
 
     /// Whether the projection with full name `module` (e.g. `transformer.h.0.attn.c_attn`)
-    /// is adapted: PEFT's `check_target_module_exists` (equal, or ends with `.name`).
-    pub fn is_target(&self, module: &str) -> bool {
+    /// is adapted: PEFT's `check_target_module_exists` (equal, or ends with `.name`); without
+    /// `target_modules`, the model family's defaults (`default_targets`, e.g. `c_attn` for
+    /// GPT-2 and `q_proj`, `v_proj` for the Llama family).
+    pub fn is_target(&self, module: &str, default_targets: &[&str]) -> bool {
         let matches = |n: &str| module == n || module.ends_with(&format!(".{n}"));
         match &self.target_modules {
-            None => GPT2_DEFAULT_TARGETS.iter().any(|n| matches(n)),
+            None => default_targets.iter().any(|n| matches(n)),
             Some(TargetModules::List(l)) => l.iter().any(|n| matches(n)),
             Some(TargetModules::One(s)) => s == "all-linear",
         }
@@ -357,8 +355,8 @@ mod tests {
         assert_eq!(c.bias, LoraBias::None);
         assert_eq!(c.init_lora_weights, InitLoraWeights::Bool(true));
         assert_eq!(c.scaling(), 1.0);
-        assert!(c.is_target("transformer.h.3.attn.c_attn"));
-        assert!(!c.is_target("transformer.h.3.attn.c_proj"));
+        assert!(c.is_target("transformer.h.3.attn.c_attn", &["c_attn"]));
+        assert!(!c.is_target("transformer.h.3.attn.c_proj", &["c_attn"]));
     }
 
     #[test]
@@ -367,14 +365,14 @@ mod tests {
             target_modules: Some(TargetModules::List(vec!["c_proj".into()])),
             ..Default::default()
         };
-        assert!(c.is_target("transformer.h.0.attn.c_proj"));
-        assert!(c.is_target("transformer.h.0.mlp.c_proj"));
-        assert!(!c.is_target("transformer.h.0.attn.xc_proj"));
+        assert!(c.is_target("transformer.h.0.attn.c_proj", &["c_attn"]));
+        assert!(c.is_target("transformer.h.0.mlp.c_proj", &["c_attn"]));
+        assert!(!c.is_target("transformer.h.0.attn.xc_proj", &["c_attn"]));
         let all = LoraConfig {
             target_modules: Some(TargetModules::One("all-linear".into())),
             ..Default::default()
         };
-        assert!(all.is_target("transformer.h.0.mlp.c_fc"));
+        assert!(all.is_target("transformer.h.0.mlp.c_fc", &["c_attn"]));
     }
 
     #[test]

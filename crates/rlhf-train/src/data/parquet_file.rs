@@ -36,6 +36,23 @@ use crate::error::{Result, TrainError};
 /// A file that is not Parquet, or is truncated, is a [`TrainError::Data`] naming the file with
 /// a hint; a file of zero bytes or zero rows is the "no rows" error of every format.
 pub fn read_parquet(path: &Path) -> Result<Rows> {
+    // The parquet crate asserts on some corrupt pages (a definition-level run past its
+    // buffer panics in arrow-buffer) instead of returning an error: such a file is reported
+    // like any other unreadable one, never as a panic of the trainer.
+    match std::panic::catch_unwind(|| read_parquet_unguarded(path)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the reader stopped on a malformed page".into());
+            Err(unreadable(path, &format!("the file is corrupt ({what})")))
+        }
+    }
+}
+
+fn read_parquet_unguarded(path: &Path) -> Result<Rows> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
     if file_len == 0 {

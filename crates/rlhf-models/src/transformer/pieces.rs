@@ -1,0 +1,152 @@
+//! The position-wise pieces: the norm (LayerNorm or RMSNorm) and the MLP (plain or gated).
+
+use candle_core::{Tensor, D};
+use rlhf_ops::nn::{compute_dtype, layer_norm, Activation};
+use rlhf_peft::{Param, Proj};
+
+use super::Fwd;
+use crate::config::{ModelConfig, NormKind};
+use crate::error::Result;
+
+/// A normalisation layer: LayerNorm (weight and bias) or RMSNorm (weight only).
+#[derive(Clone, Debug)]
+pub struct Norm {
+    /// Scale `(n)`.
+    pub weight: Param,
+    /// Shift `(n)` (LayerNorm only).
+    pub bias: Option<Param>,
+    eps: f64,
+    kind: NormKind,
+}
+
+impl Norm {
+    /// Loads the norm `name` of width `n` of a model with `cfg`'s kind of norm.
+    pub(super) fn load(cfg: &ModelConfig, name: String, n: usize, ld: &mut super::Loader) -> Result<Self> {
+        let weight = ld.param(format!("{name}.weight"), &[n], false)?;
+        let bias = match cfg.norm {
+            NormKind::LayerNorm => Some(ld.param(format!("{name}.bias"), &[n], false)?),
+            NormKind::RmsNorm => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.norm_eps,
+            kind: cfg.norm,
+        })
+    }
+
+    /// The epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// LayerNorm or RMSNorm.
+    pub fn kind(&self) -> NormKind {
+        self.kind
+    }
+
+    /// Normalises the last dimension.
+    ///
+    /// RMSNorm follows transformers' order: `x · rsqrt(mean(x²) + eps)` in f32 (f64 for f64
+    /// models), cast back to the input dtype, then times the weight.
+    ///
+    /// # Shapes
+    /// `x`: `(.., n)` → `(.., n)`.
+    pub fn forward(&self, x: &Tensor, fwd: &Fwd) -> Result<Tensor> {
+        let (g, a) = (fwd.grad, fwd.adapters);
+        let w = self.weight.get_in(g, a);
+        match (&self.kind, &self.bias) {
+            (NormKind::LayerNorm, Some(b)) => Ok(layer_norm(x, w, b.get_in(g, a), self.eps)?),
+            _ => rms_norm(x, w, self.eps),
+        }
+    }
+
+    pub(super) fn push_params<'a>(&'a self, out: &mut Vec<(String, &'a Param)>, name: String) {
+        out.push((format!("{name}.weight"), &self.weight));
+        if let Some(b) = &self.bias {
+            out.push((format!("{name}.bias"), b));
+        }
+    }
+
+    pub(super) fn push_params_mut<'a>(&'a mut self, out: &mut Vec<(String, &'a mut Param)>, name: String) {
+        out.push((format!("{name}.weight"), &mut self.weight));
+        if let Some(b) = &mut self.bias {
+            out.push((format!("{name}.bias"), b));
+        }
+    }
+}
+
+/// RMSNorm in transformers' order (composed candle ops; differentiable).
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let up = compute_dtype(dtype);
+    let x32 = x.to_dtype(up)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x32.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?.to_dtype(dtype)?;
+    Ok(y.broadcast_mul(&w.to_dtype(dtype)?)?)
+}
+
+/// The MLP of a block.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// `fc_out(act(fc_in(x)))` (GPT-2's `c_fc`, `c_proj`).
+    Plain {
+        /// `(I, H)`.
+        fc_in: Proj,
+        /// `(H, I)`.
+        fc_out: Proj,
+    },
+    /// `down(act(gate(x)) · up(x))` (SwiGLU).
+    Gated {
+        /// `(I, H)`.
+        gate: Proj,
+        /// `(I, H)`.
+        up: Proj,
+        /// `(H, I)`.
+        down: Proj,
+    },
+}
+
+impl Mlp {
+    /// # Shapes
+    /// `x`: `(.., H)` → `(.., H)`.
+    pub fn forward(&self, x: &Tensor, act: Activation, fwd: &mut Fwd) -> Result<Tensor> {
+        match self {
+            Self::Plain { fc_in, fc_out } => {
+                let m = fc_in.forward(x, &mut fwd.proj())?;
+                Ok(fc_out.forward(&act.apply(&m)?, &mut fwd.proj())?)
+            }
+            Self::Gated { gate, up, down } => {
+                let g = gate.forward(x, &mut fwd.proj())?;
+                let u = up.forward(x, &mut fwd.proj())?;
+                let h = (act.apply(&g)? * u)?;
+                Ok(down.forward(&h, &mut fwd.proj())?)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn rms_norm_scales_rows_to_unit_root_mean_square() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.], [0., 0., 0., 2.]], &Device::Cpu).unwrap();
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let y = rms_norm(&x, &w, 0.0).unwrap();
+        let ms = y
+            .sqr()
+            .unwrap()
+            .mean_keepdim(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for m in ms {
+            assert!((m - 1.0).abs() < 1e-5, "{m}");
+        }
+    }
+}
