@@ -1,8 +1,9 @@
 //! Fused CPU kernels for the transformer body, each a candle custom op with its backward:
-//! layer norm, the tanh GELU and the last-dimension softmax, in f32. One pass per row (or
-//! per element) forward and one backward, vectorised (see [`crate::simd`]) and split over
-//! rayon, where the composed versions in [`crate::nn`] run five to ten candle ops, each a
-//! pass over memory and an allocation, and reduce gradients over broadcast dimensions.
+//! layer norm, RMSNorm, the tanh GELU, `silu(gate)·up`, RoPE and the last-dimension softmax,
+//! in f32. One pass per row (or per element) forward and one backward, vectorised (see
+//! [`crate::simd`]) and split over rayon, where the composed versions in [`crate::nn`] and
+//! [`crate::rope`] run five to ten candle ops, each a pass over memory and an allocation,
+//! and reduce gradients over broadcast dimensions.
 //! The composed versions stay as the test oracles (values and gradients) and serve the
 //! other dtypes.
 
@@ -10,6 +11,14 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use crate::simd::{dispatched, exp_f32};
+
+mod rms_norm;
+mod rope;
+mod swiglu;
+
+pub use rms_norm::{rms_bwd_rows, rms_fwd_rows, rms_norm};
+pub use rope::{apply_rope, rope_row, rope_row_in_place};
+pub use swiglu::{silu_mul, silu_mul_bwd_row, silu_mul_row};
 
 /// Elements per parallel task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;

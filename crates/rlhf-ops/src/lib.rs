@@ -13,6 +13,7 @@ pub mod packed;
 pub mod ppo;
 pub mod precision;
 pub mod rng;
+pub mod rope;
 pub mod simd;
 pub mod sink;
 
