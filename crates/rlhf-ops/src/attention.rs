@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-pub use cached::{cached_attention_row, cached_attention_row_window, CACHED_KEY_BLOCK};
+pub use cached::{cached_attention_row, cached_attention_row_range, sliding_window_keys, CACHED_KEY_BLOCK};
 pub use gqa::{attention, attention_composed, AttentionConfig};
 use kernel::Rows;
 

@@ -144,7 +144,7 @@ impl RopeConfig {
 
     fn check(&self) -> Result<(), RopeError> {
         let d = self.head_dim;
-        if d < 2 || d % 2 != 0 {
+        if d < 2 || !d.is_multiple_of(2) {
             return Err(self.invalid(format!("head_dim {d} must be even and at least 2")));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

@@ -1,5 +1,7 @@
-//! One query of incremental decoding against a KV cache, over all cached positions or the
-//! last `window` of them.
+//! One query of incremental decoding against a KV cache, over all cached positions or a
+//! range of them (the last `window` under a sliding window).
+
+use std::ops::Range;
 
 use crate::simd::dispatched;
 
@@ -11,7 +13,7 @@ pub const CACHED_KEY_BLOCK: usize = KEY_BLOCK;
 const VALUE_BLOCK: usize = 64;
 
 /// Attention of one query over cached positions `start..len`; see
-/// [`cached_attention_row_window`].
+/// [`cached_attention_row_range`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn cached_row_imp(
@@ -79,18 +81,15 @@ fn cached_full_imp(q: &[f32], kt: &[f32], v: &[f32], len: usize, scale: f32, p: 
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn cached_window_imp(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    len: usize,
-    window: usize,
-    scale: f32,
-    p: &mut [f32],
-    out: &mut [f32],
-) {
-    cached_row_imp(q, kt, v, len.saturating_sub(window), len, scale, p, out)
+fn cached_range_imp(q: &[f32], kt: &[f32], v: &[f32], keys: Range<usize>, scale: f32, p: &mut [f32], out: &mut [f32]) {
+    cached_row_imp(q, kt, v, keys.start, keys.end, scale, p, out)
+}
+
+/// The cached positions a query at index `len − 1` sees under a sliding window of `window`
+/// keys (transformers' `kv_idx > q_idx − window`: the `window` most recent, itself included),
+/// all `len` without one; the `keys` of [`cached_attention_row_range`].
+pub fn sliding_window_keys(len: usize, window: Option<usize>) -> Range<usize> {
+    window.map_or(0, |w| len.saturating_sub(w))..len
 }
 
 dispatched! {
@@ -112,11 +111,10 @@ dispatched! {
 }
 
 dispatched! {
-    /// [`cached_attention_row`] under a sliding window: attends to the last
-    /// `min(window, len)` cached positions only, `len − window ≤ j < len` (transformers' rule:
-    /// the query at index `len − 1` sees keys `j > len − 1 − window`, itself included). The
-    /// cache layout is the same; blocks wholly before the window are not read, and `p` needs
-    /// `ceil(len / 16)·16 − floor((len − window) / 16)·16` elements at least (`window + 32`
-    /// always suffices).
-    pub fn cached_attention_row_window(q: &[f32], kt: &[f32], v: &[f32], len: usize, window: usize, scale: f32, p: &mut [f32], out: &mut [f32]) = cached_window_imp;
+    /// [`cached_attention_row`] over the cached positions `keys` only (a sliding window:
+    /// [`sliding_window_keys`]). The cache layout is the same; blocks wholly before
+    /// `keys.start` are not read, `kt` holds the blocks up to `ceil(keys.end / 16)`, and `p`
+    /// needs `ceil(keys.end / 16)·16 − floor(keys.start / 16)·16` elements at least
+    /// (`keys.len() + 32` always suffices). An empty range gives zeros.
+    pub fn cached_attention_row_range(q: &[f32], kt: &[f32], v: &[f32], keys: Range<usize>, scale: f32, p: &mut [f32], out: &mut [f32]) = cached_range_imp;
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernel::{bwd_task, fwd_task, Rows, Task};
@@ -253,8 +253,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> c
 
 /// [`attention`] from candle ops (every dtype; the fused op's test oracle): per sequence,
 /// heads split, `repeat_kv`, scores, the additive causal (and window) mask of
-/// [`causal_window_padding_bias`], softmax in f32 (transformers' `softmax(.., dtype=float32)`)
-/// cast back, the dropout factors as a multiply, the product with V, heads merged.
+/// [`causal_window_padding_bias`], softmax in f32 for half-precision inputs (transformers'
+/// `softmax(.., dtype=float32)`) cast back, the dropout factors as a multiply, the product with V, heads merged.
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> candle_core::Result<Tensor> {
     let n = cfg.check()?;
     let (wq, wkv) = cfg.widths();
@@ -279,8 +279,12 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionCon
         let kh = repeat_kv(&heads(k, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
         let vh = repeat_kv(&heads(v, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
         let s = (qh.matmul(&kh.t()?)? * cfg.scale as f64)?;
-        let bias = causal_window_padding_bias(&[vec![1; t]], t, cfg.window, q.device())?.squeeze(0)?;
-        let p = softmax_last_dim_composed(&s.to_dtype(DType::F32)?.broadcast_add(&bias)?)?;
+        // Softmax in f32 as transformers (f64 stays f64 for the finite-difference tests).
+        let sdt = crate::nn::compute_dtype(q.dtype());
+        let bias = causal_window_padding_bias(&[vec![1; t]], t, cfg.window, q.device())?
+            .squeeze(0)?
+            .to_dtype(sdt)?;
+        let p = softmax_last_dim_composed(&s.to_dtype(sdt)?.broadcast_add(&bias)?)?;
         let mut p = p.to_dtype(q.dtype())?;
         if let Some(keep) = &cfg.keep {
             let m = Tensor::from_vec(keep[k0..k0 + nh * t * t].to_vec(), (nh, t, t), q.device())?;

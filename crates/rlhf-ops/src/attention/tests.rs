@@ -146,3 +146,55 @@ fn cached_attention_row_matches_the_f64_softmax() {
         }
     }
 }
+
+#[test]
+fn cached_attention_row_window_attends_to_the_last_window_positions() {
+    let (d, cap) = (20, 64);
+    let mut rng = RngStream::new(19);
+    let mut u = |n: usize| -> Vec<f32> { rng.uniform_vec(n).into_iter().map(|x| 3.0 * x - 1.5).collect() };
+    let (q, keys, v) = (u(d), u(cap * d), u(cap * d));
+    let mut kt = vec![0f32; d * cap];
+    for j in 0..cap {
+        for c in 0..d {
+            kt[(j / 16) * 16 * d + c * 16 + j % 16] = keys[j * d + c];
+        }
+    }
+    let scale = 0.4f32;
+    for (len, window) in [
+        (1usize, 1usize),
+        (5, 8),
+        (20, 8),
+        (33, 16),
+        (33, 17),
+        (64, 5),
+        (64, 64),
+        (40, 100),
+    ] {
+        let mut p = vec![f32::NAN; window + 32];
+        let mut out = vec![f32::NAN; d];
+        let range = sliding_window_keys(len, Some(window));
+        let start = range.start;
+        cached_attention_row_range(&q, &kt, &v, range, scale, &mut p, &mut out);
+        let s: Vec<f64> = (start..len)
+            .map(|j| (0..d).map(|c| q[c] as f64 * keys[j * d + c] as f64).sum::<f64>() * scale as f64)
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for c in 0..d {
+            let want: f64 = (start..len).map(|j| e[j - start] / z * v[j * d + c] as f64).sum();
+            assert!(
+                (out[c] as f64 - want).abs() < 1e-5,
+                "len {len} window {window} c {c}: {} vs {want}",
+                out[c]
+            );
+        }
+        assert_eq!(sliding_window_keys(len, None), 0..len);
+        // A window covering everything is the full row.
+        if window >= len {
+            let mut full = vec![0f32; d];
+            cached_attention_row(&q, &kt, &v, len, scale, &mut p, &mut full);
+            assert_eq!(full, out);
+        }
+    }
+}
