@@ -308,8 +308,11 @@ pub struct RopeFrequencies {
 }
 
 impl RopeFrequencies {
-    /// The cos and sin rows of one position into `cos`, `sin` (`d` each):
-    /// `[cos(p·f), cos(p·f)] · attention_scaling`, the same for sin.
+    /// The cos and sin rows of one position into `cos`, `sin` (`d` each, the decoder's
+    /// per-step tables): `[cos(p·f), cos(p·f)] · attention_scaling`, the same for sin.
+    ///
+    /// # Panics
+    /// If `cos` or `sin` is shorter than `d = 2·inv_freq.len()`.
     pub fn row(&self, position: u32, cos: &mut [f32], sin: &mut [f32]) {
         let half = self.inv_freq.len();
         let p = position as f32;
