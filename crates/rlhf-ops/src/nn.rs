@@ -1,6 +1,7 @@
 //! Differentiable building blocks for transformer layers.
 //!
-//! Every function here is composed from candle operations that have a backward pass.
+//! Every function here is composed from candle operations that have a backward pass, or
+//! dispatches to a fused kernel of [`crate::kernels`] that has one (f32 on the CPU).
 //! (Several fused candle-nn ops — `ops::layer_norm`, `softmax_last_dim`, `rms_norm` — cut
 //! the autograd graph silently; these are the versions training may use.)
 
@@ -30,6 +31,72 @@ pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
     xn.to_dtype(dtype)?
         .broadcast_mul(&w.to_dtype(dtype)?)?
         .broadcast_add(&b.to_dtype(dtype)?)
+}
+
+/// RMSNorm over the last dimension in transformers' exact order (`LlamaRMSNorm`, also
+/// Mistral's, Qwen2's and Qwen3's, whose `q_norm`/`k_norm` apply it per head):
+/// `y = w · (x_f32 · rsqrt(mean(x_f32²) + eps)).to(dtype(x))` — the normalisation in f32 for
+/// half-precision inputs, cast back to the input dtype *before* the weight multiplies it.
+/// The output has the dtype of `x` (transformers' `weight * x` promotes to the weight's
+/// dtype when it is wider; models here keep one dtype). f64 inputs stay f64 (transformers
+/// would compute in f32), which is what the finite-difference tests need.
+///
+/// f32 on the CPU runs [`crate::kernels::rms_norm`]; every other case
+/// [`rms_norm_composed`].
+///
+/// Qwen3's per-head norms: reshape `(N, heads·hd)` to `(N, heads, hd)` (free for the
+/// contiguous output of a projection), normalise with a weight of `hd`, reshape back.
+///
+/// # Shapes
+/// `x`: `(.., H)`, `w`: `(H)` → `(.., H)` in the dtype of `x`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::applies(&[x, w]) {
+        return crate::kernels::rms_norm(x, w, eps);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// [`rms_norm`] from candle ops (every dtype; the fused kernel's test oracle).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(compute_dtype(dtype))?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xf.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
+    xn.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+}
+
+/// The gated activation of the SwiGLU MLP: `silu(gate) · up`, `silu(g) = g σ(g)`
+/// (Shazeer 2020; transformers' `LlamaMLP`: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`,
+/// `hidden_act = "silu"` in every Llama-family config).
+///
+/// f32 on the CPU runs [`crate::kernels::silu_mul`]; every other case
+/// [`silu_mul_composed`] (candle's `silu` has a backward).
+///
+/// # Shapes
+/// `gate`, `up`: the same shape, e.g. `(N, I)` → that shape.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(&[gate, up]) {
+        return crate::kernels::silu_mul(gate, up);
+    }
+    silu_mul_composed(gate, up)
+}
+
+/// [`silu_mul`] from candle ops (every dtype; the fused kernel's test oracle).
+pub fn silu_mul_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()?.mul(up)
+}
+
+/// Grouped-query attention's key/value expansion (transformers' `repeat_kv`): `(B, n_kv, T,
+/// d)` → `(B, n_kv·n_rep, T, d)` where query head `h` gets kv head `h / n_rep`
+/// (`repeat_interleave` order). Its backward sums the gradient of the `n_rep` copies.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n_kv, t, d) = x.dims4()?;
+    // Copies side by side along time, then split back into heads: kv head g's copies become
+    // heads g·n_rep .. (g+1)·n_rep.
+    Tensor::cat(&vec![x; n_rep], 2)?.reshape((b, n_kv * n_rep, t, d))
 }
 
 /// The dtype reductions run in: f32 for half-precision inputs, else the input's own.
@@ -134,23 +201,55 @@ pub fn dropout(x: &Tensor, p: f64, uniform: &mut dyn FnMut(usize) -> Vec<f32>) -
 /// softmax is well defined (no NaN, no dependence on other tokens); its output is never
 /// used by real tokens, which cannot see padding keys.
 pub fn causal_padding_bias(mask: &[Vec<u32>], t: usize, device: &Device) -> Result<Tensor> {
+    causal_window_padding_bias(mask, t, None, device)
+}
+
+/// [`causal_padding_bias`] with an optional sliding window of `W` keys, transformers' rule
+/// (`masking_utils.sliding_window_overlay`: `kv_idx > q_idx - sliding_window`): query `q`
+/// (absolute index `S - T + q`) sees key `k` iff `k ≤ q`, `k > q − W` — the `W` most recent
+/// keys including its own — and `mask[b][k] == 1`. (candle's Mistral/Qwen2 masks allow
+/// `W + 1` keys.) Indices count every column of the mask, padding included, as transformers'
+/// cache positions do. Masked entries are `-1e9`, never `-inf`, so no row can produce NaN.
+///
+/// # Shapes
+/// `mask`: `B` rows of `S` → `(B, 1, T, S)` f32.
+pub fn causal_window_padding_bias(
+    mask: &[Vec<u32>],
+    t: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let b = mask.len();
     let s = mask.first().map_or(0, Vec::len);
+    if let Some(i) = mask.iter().position(|r| r.len() != s) {
+        candle_core::bail!(
+            "attention mask row {i} has {} columns, row 0 has {s} (hint: pad every row to one length)",
+            mask[i].len()
+        )
+    }
+    if window == Some(0) {
+        candle_core::bail!("sliding window of 0 keys (hint: use None for no window)")
+    }
+    if b > 0 && t > s {
+        candle_core::bail!("{t} queries but only {s} mask columns (hint: the mask covers past and new tokens)")
+    }
     let past = s.saturating_sub(t);
     let mut bias = vec![0f32; b * t * s];
     for (bi, row) in mask.iter().enumerate() {
         for q in 0..t {
+            let qa = past + q;
             let out = &mut bias[(bi * t + q) * s..(bi * t + q + 1) * s];
             let mut visible = false;
             for (k, o) in out.iter_mut().enumerate() {
-                if k > past + q || row[k] == 0 {
+                let outside = window.is_some_and(|w| k + w <= qa);
+                if k > qa || outside || row[k] == 0 {
                     *o = -1e9;
                 } else {
                     visible = true;
                 }
             }
             if !visible {
-                out[past + q] = 0.0;
+                out[qa] = 0.0;
             }
         }
     }

@@ -1,0 +1,168 @@
+//! The per-`(sequence, head)` loops of the fused attention ops, over row views of q, k and v
+//! wherever they live (one fused `(N, 3H)` buffer for GPT-2, separate or strided tensors for
+//! the Llama family).
+
+use crate::simd::{dispatched, exp_f32, LANES};
+
+/// Rows of a row-major matrix inside a flat buffer: component `c` of row `r` at
+/// `data[off + r·stride + c]`.
+#[derive(Clone, Copy)]
+pub(super) struct Rows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub off: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Components `c..c + d` of row `r`.
+    #[inline(always)]
+    pub fn row(&self, r: usize, c: usize, d: usize) -> &'a [f32] {
+        let s = self.off + r * self.stride + c;
+        &self.data[s..s + d]
+    }
+}
+
+#[inline(always)]
+pub(super) fn dot_imp(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (a, b) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] = a[i].mul_add(b[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in ra.iter().zip(rb) {
+        s = a.mul_add(*b, s);
+    }
+    s
+}
+
+/// `y += c · x`.
+#[inline(always)]
+fn axpy_imp(y: &mut [f32], c: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = c.mul_add(*x, *y);
+    }
+}
+
+/// Softmax probabilities of one query row over keys `j0..=i`, into `p[j0..=i]`.
+#[inline(always)]
+fn probs_row<'a>(q: &[f32], k_rows: impl Fn(usize) -> &'a [f32], j0: usize, i: usize, scale: f32, p: &mut [f32]) {
+    let mut m = f32::NEG_INFINITY;
+    for (j, pj) in p[j0..=i].iter_mut().enumerate() {
+        let s = dot_imp(q, k_rows(j0 + j)) * scale;
+        *pj = s;
+        m = if s > m { s } else { m };
+    }
+    let mut sum = 0f32;
+    for pj in p[j0..=i].iter_mut() {
+        let e = exp_f32(*pj - m);
+        *pj = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    p[j0..=i].iter_mut().for_each(|x| *x *= inv);
+}
+
+/// One query head of one sequence: rows `r0..r0+t` of q, k, v; the query head's columns
+/// from `qc`, its kv head's from `kc` (width `d` each).
+pub(super) struct Task<'a> {
+    pub q: Rows<'a>,
+    pub k: Rows<'a>,
+    pub v: Rows<'a>,
+    pub r0: usize,
+    pub t: usize,
+    pub qc: usize,
+    pub kc: usize,
+    pub d: usize,
+    pub scale: f32,
+    /// Keys per query (the sliding window), `usize::MAX` for none.
+    pub window: usize,
+    /// The task's `t × t` dropout keep factors.
+    pub keep: Option<&'a [f32]>,
+}
+
+impl<'a> Task<'a> {
+    #[inline(always)]
+    fn q(&self, i: usize) -> &'a [f32] {
+        self.q.row(self.r0 + i, self.qc, self.d)
+    }
+
+    #[inline(always)]
+    fn k(&self, j: usize) -> &'a [f32] {
+        self.k.row(self.r0 + j, self.kc, self.d)
+    }
+
+    #[inline(always)]
+    fn v(&self, j: usize) -> &'a [f32] {
+        self.v.row(self.r0 + j, self.kc, self.d)
+    }
+
+    /// The first key query `i` sees: transformers' `kv_idx > q_idx − window`.
+    #[inline(always)]
+    fn first_key(&self, i: usize) -> usize {
+        (i + 1).saturating_sub(self.window)
+    }
+}
+
+/// Forward of one task into `o` (`t × d`).
+#[inline(always)]
+fn fwd_task_imp(task: &Task, o: &mut [f32]) {
+    let (t, d) = (task.t, task.d);
+    let mut p = vec![0f32; t];
+    for i in 0..t {
+        let j0 = task.first_key(i);
+        probs_row(task.q(i), |j| task.k(j), j0, i, task.scale, &mut p);
+        let out = &mut o[i * d..(i + 1) * d];
+        out.iter_mut().for_each(|x| *x = 0.0);
+        for j in j0..=i {
+            let pj = match task.keep {
+                Some(kp) => p[j] * kp[i * t + j],
+                None => p[j],
+            };
+            axpy_imp(out, pj, task.v(j));
+        }
+    }
+}
+
+dispatched! {
+    /// One `(sequence, query head)` of the forward.
+    pub(super) fn fwd_task(task: &Task, o: &mut [f32]) = fwd_task_imp;
+}
+
+/// Backward of one task: from `g` (the output gradient; the query head's columns from
+/// `task.qc`), writes `dq` and adds to `dk`, `dv` (each `t × d`; several query heads share
+/// one kv head, so the caller zeroes `dk`, `dv` once per kv head).
+#[inline(always)]
+fn bwd_task_imp(task: &Task, g: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    let (t, d) = (task.t, task.d);
+    dq.iter_mut().for_each(|x| *x = 0.0);
+    let (mut p, mut dp) = (vec![0f32; t], vec![0f32; t]);
+    for i in 0..t {
+        let j0 = task.first_key(i);
+        probs_row(task.q(i), |j| task.k(j), j0, i, task.scale, &mut p);
+        let gi = g.row(task.r0 + i, task.qc, d);
+        // dP'ᵢⱼ = gᵢ·vⱼ; dVⱼ += P'ᵢⱼ gᵢ; dPᵢⱼ = dP'ᵢⱼ · keepᵢⱼ.
+        let mut dot = 0f32;
+        for j in j0..=i {
+            let kf = task.keep.map_or(1.0, |kp| kp[i * t + j]);
+            axpy_imp(&mut dv[j * d..(j + 1) * d], p[j] * kf, gi);
+            dp[j] = dot_imp(gi, task.v(j)) * kf;
+            dot += p[j] * dp[j];
+        }
+        // dSᵢⱼ = Pᵢⱼ (dPᵢⱼ − Σⱼ Pᵢⱼ dPᵢⱼ); dQᵢ += scale dSᵢⱼ Kⱼ; dKⱼ += scale dSᵢⱼ Qᵢ.
+        let qi = task.q(i);
+        for j in j0..=i {
+            let ds = p[j] * (dp[j] - dot) * task.scale;
+            axpy_imp(&mut dq[i * d..(i + 1) * d], ds, task.k(j));
+            axpy_imp(&mut dk[j * d..(j + 1) * d], ds, qi);
+        }
+    }
+}
+
+dispatched! {
+    /// One `(sequence, query head)` of the backward.
+    pub(super) fn bwd_task(task: &Task, g: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) = bwd_task_imp;
+}
