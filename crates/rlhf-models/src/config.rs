@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rlhf_ops::nn::Activation;
 use serde_json::{Map, Value};
 
-pub use rope::{RopeConfig, RopeScaling};
+pub use rlhf_ops::rope::{RopeConfig, RopeScaling};
 
 use crate::error::{io_err, ModelError, Result};
 use crate::family::Family;

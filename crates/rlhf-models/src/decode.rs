@@ -99,7 +99,7 @@ impl NormF32 {
         let mut y = vec![0f32; x.len()];
         let rows = |(y, x): (&mut [f32], &[f32])| match (&self.kind, &self.b) {
             (NormKind::LayerNorm, Some(b)) => rlhf_ops::kernels::ln_fwd_rows(x, &self.w, b, self.eps, y),
-            _ => rms_rows(x, &self.w, self.eps, y),
+            _ => rlhf_ops::kernels::rms_fwd_rows(x, &self.w, self.eps, y),
         };
         if x.len() <= h * ROWS_PER_TASK {
             rows((&mut y, x));
@@ -109,18 +109,6 @@ impl NormF32 {
                 .for_each(rows);
         }
         y
-    }
-}
-
-/// RMSNorm of rows of `w.len()`: `x · rsqrt(mean(x²) + eps) · w` (f32, transformers' order).
-fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
-    let h = w.len();
-    for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-            *o = (v * r) * g;
-        }
     }
 }
 
@@ -319,7 +307,7 @@ impl<'m> Decoder<'m> {
         let n = entries.len();
         let (slots, next) = self.slots(entries)?;
         let mut x = self.embed(entries, &slots)?;
-        let rope = self.rope_rows(&slots);
+        let rope = self.rope_rows(&slots)?;
         let capacity = padded(self.capacity);
         for layer in &mut self.layers {
             let mut qkv = layer.qkv.forward(&layer.input_norm.forward(&x), n)?;
@@ -370,29 +358,13 @@ impl<'m> Decoder<'m> {
     }
 
     /// cos and sin per entry (`n × hd` each) at its slot, or `None` without RoPE.
-    fn rope_rows(&self, slots: &[usize]) -> Option<(Vec<f32>, Vec<f32>)> {
-        let rope = self.model.rope.as_ref()?;
-        let seq_len = slots
-            .iter()
-            .max()
-            .map_or(0, |&m| m + 1)
-            .max(*self.lens.iter().max().unwrap_or(&0));
-        let (inv, factor) = rope.inv_freq_for(seq_len);
-        let half = inv.len();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(slots.len() * 2 * half),
-            Vec::with_capacity(slots.len() * 2 * half),
-        );
-        for &s in slots {
-            for _ in 0..2 {
-                for &f in &inv {
-                    let a = f * s as f32;
-                    cos.push(a.cos() * factor);
-                    sin.push(a.sin() * factor);
-                }
-            }
-        }
-        Some((cos, sin))
+    fn rope_rows(&self, slots: &[usize]) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let Some(rope) = self.model.rope.as_ref() else {
+            return Ok(None);
+        };
+        let seq_len = slots.iter().max().map_or(0, |&m| m + 1);
+        let positions: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+        Ok(Some(rope.frequencies_for(seq_len)?.tables(&positions)))
     }
 }
 
@@ -407,25 +379,14 @@ fn prepare_qk(cfg: &crate::ModelConfig, layer: &Layer, qkv: &mut [f32], rope: Op
         for (part, norm) in [(&mut *q, &layer.q_norm), (&mut *k, &layer.k_norm)] {
             if let Some(nrm) = norm {
                 let src = part.to_vec();
-                rms_rows(&src, &nrm.w, nrm.eps, part);
+                rlhf_ops::kernels::rms_fwd_rows(&src, &nrm.w, nrm.eps, part);
             }
         }
         if let Some((cos, sin)) = rope {
             let (c, s) = (&cos[e * hd..(e + 1) * hd], &sin[e * hd..(e + 1) * hd]);
-            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                rotate(head, c, s);
-            }
+            rlhf_ops::kernels::rope_row_in_place(q, c, s);
+            rlhf_ops::kernels::rope_row_in_place(k, c, s);
         }
-    }
-}
-
-/// `x·cos + rotate_half(x)·sin` of one head in place.
-fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = x.len() / 2;
-    for j in 0..half {
-        let (a, b) = (x[j], x[j + half]);
-        x[j] = a * cos[j] - b * sin[j];
-        x[j + half] = b * cos[j + half] + a * sin[j + half];
     }
 }
 
@@ -477,49 +438,15 @@ fn attend(
             let q = &qkv[e * width + head * hd..e * width + (head + 1) * hd];
             let (kt, vv) = (&k[base..base + capacity * hd], &v[base..base + len * hd]);
             match window {
-                Some(w) if len > w => windowed_row(q, kt, vv, len - w, len, scale, p, out),
-                _ => rlhf_ops::attention::cached_attention_row(q, kt, vv, len, scale, p, out),
+                Some(_) => {
+                    let keys = rlhf_ops::attention::sliding_window_keys(len, window);
+                    rlhf_ops::attention::cached_attention_row_range(q, kt, vv, keys, scale, p, out);
+                }
+                None => rlhf_ops::attention::cached_attention_row(q, kt, vv, len, scale, p, out),
             }
         },
     );
     attn
-}
-
-/// One query over the cached positions `start..len` only (a sliding window), in the cache
-/// layout of [`rlhf_ops::attention::cached_attention_row`].
-#[allow(clippy::too_many_arguments)]
-fn windowed_row(
-    q: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    start: usize,
-    len: usize,
-    scale: f32,
-    p: &mut [f32],
-    out: &mut [f32],
-) {
-    let d = q.len();
-    let key = |j: usize, c: usize| {
-        kt[(j / CACHED_KEY_BLOCK) * CACHED_KEY_BLOCK * d + c * CACHED_KEY_BLOCK + j % CACHED_KEY_BLOCK]
-    };
-    let mut max = f32::NEG_INFINITY;
-    for (j, pj) in p.iter_mut().enumerate().take(len).skip(start) {
-        let s = (0..d).map(|c| q[c] * key(j, c)).sum::<f32>() * scale;
-        *pj = s;
-        max = max.max(s);
-    }
-    let mut z = 0f32;
-    for pj in &mut p[start..len] {
-        *pj = (*pj - max).exp();
-        z += *pj;
-    }
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (j, &pj) in p.iter().enumerate().take(len).skip(start) {
-        let w = pj / z;
-        for (o, &x) in out.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-            *o += w * x;
-        }
-    }
 }
 
 /// `capacity` rounded up to whole key blocks.
@@ -552,12 +479,17 @@ fn activate(act: Activation, x: &mut [f32], width: usize) -> Result<()> {
 
 /// `act(gate) · up` from rows of `[gate; up]` (`2·inner` wide) → rows of `inner`.
 fn gated(act: Activation, gu: &[f32], inner: usize) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(gu.len() / 2);
-    for row in gu.chunks_exact(2 * inner) {
+    let mut out = vec![0f32; gu.len() / 2];
+    for (row, o) in gu.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
         let (g, u) = row.split_at(inner);
-        let mut a = g.to_vec();
-        activate(act, &mut a, inner)?;
-        out.extend(a.iter().zip(u).map(|(x, y)| x * y));
+        match act {
+            Activation::Silu => rlhf_ops::kernels::silu_mul_row(g, u, o),
+            other => {
+                let mut a = g.to_vec();
+                activate(other, &mut a, inner)?;
+                o.iter_mut().zip(a.iter().zip(u)).for_each(|(o, (x, y))| *o = x * y);
+            }
+        }
     }
     Ok(out)
 }

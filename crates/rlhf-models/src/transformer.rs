@@ -532,12 +532,13 @@ impl Transformer {
         let mut x = fwd.dropout(&x, self.cfg.embd_pdrop)?;
         let rope = self.rope_tables(&positions)?;
         let full = causal_padding_bias(&mask_rows, t, self.device())?;
-        let windowed = match self.cfg.sliding_window {
-            Some(w) if self.cfg.sliding_layers.iter().any(|&s| s) => {
-                Some(attention::window_bias(&mask_rows, t, w, self.device())?)
-            }
-            _ => None,
-        };
+        let windowed =
+            match self.cfg.sliding_window {
+                Some(w) if self.cfg.sliding_layers.iter().any(|&s| s) => Some(
+                    rlhf_ops::nn::causal_window_padding_bias(&mask_rows, t, Some(w), self.device())?,
+                ),
+                _ => None,
+            };
         for (i, layer) in self.layers.iter().enumerate() {
             let bias = match (&windowed, self.cfg.layer_window(i)) {
                 (Some(wb), Some(_)) => wb,

@@ -4,7 +4,6 @@
 
 use serde_json::{Map, Value};
 
-use super::rope::RopeConfig;
 use super::{Fields, MlpKind, ModelConfig, NormKind};
 use crate::error::Result;
 use crate::family::Family;
@@ -90,7 +89,7 @@ pub(super) fn parse(f: &Fields, family: Family) -> Result<ModelConfig> {
         norm: NormKind::RmsNorm,
         norm_eps: f.f64("rms_norm_eps", eps_default)?,
         mlp: MlpKind::Gated,
-        rope: Some(RopeConfig::parse(f, head_dim, max_pos)?),
+        rope: Some(super::rope::parse(f, head_dim, max_pos)?),
         fused_qkv: false,
         qkv_bias,
         o_bias,
