@@ -77,7 +77,10 @@ fn a_killed_run_resumes_into_the_same_tensorboard_run_without_repeated_steps() {
         .unwrap();
     let start = Instant::now();
     while !has_checkpoint(&run) {
-        assert!(child.try_wait().unwrap().is_none(), "exited before its first checkpoint");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before its first checkpoint"
+        );
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -86,20 +89,28 @@ fn a_killed_run_resumes_into_the_same_tensorboard_run_without_repeated_steps() {
     child.kill().unwrap();
     child.wait().unwrap();
     eprintln!("killed {delay} ms after the first checkpoint (RLHF_KILL_DELAY_MS={delay} replays it)");
-    let o = rlhf(&run, &data, &["--resume-from-checkpoint", "latest"]).output().unwrap();
+    let o = rlhf(&run, &data, &["--resume-from-checkpoint", "latest"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let dirs: Vec<PathBuf> = std::fs::read_dir(run.join("runs"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(dirs.len(), 1, "the resumed run continues the killed run's logging_dir: {dirs:?}");
+    assert_eq!(
+        dirs.len(),
+        1,
+        "the resumed run continues the killed run's logging_dir: {dirs:?}"
+    );
     let mut got: BTreeMap<(String, i64), Vec<f32>> = BTreeMap::new();
     for f in event_files(&dirs[0]).unwrap() {
         let (events, tail) = read_event_file(&f).unwrap();
         assert_eq!(tail, Tail::Clean, "{}", f.display());
         for e in events {
-            let Some(event::What::Summary(s)) = e.what else { continue };
+            let Some(event::What::Summary(s)) = e.what else {
+                continue;
+            };
             for v in s.value {
                 if let Some(summary_value::Value::SimpleValue(x)) = v.value {
                     got.entry((v.tag, e.step)).or_default().push(x);

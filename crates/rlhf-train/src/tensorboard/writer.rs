@@ -158,42 +158,17 @@ impl EventWriter {
         let step = step as i64;
         let own = self.file().map(Path::to_path_buf);
         self.last_step.clear();
+        // (tag → steps) of every value the files keep.
         let mut present: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
         for path in event_files(&self.dir)? {
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let (records, tail) = record::read_records(&bytes);
-            let mut kept: Vec<&[u8]> = Vec::new();
-            let mut damaged = tail != record::Tail::Clean;
-            for r in &records {
-                match Event::decode(*r) {
-                    Ok(e) if e.step <= step => {
-                        kept.push(r);
-                        self.note(&e);
-                        if let Some(event::What::Summary(s)) = &e.what {
-                            for v in &s.value {
-                                present.entry(v.tag.clone()).or_default().insert(e.step);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        damaged = true;
-                        break;
+            let rewrite = own.as_deref() != Some(path.as_path());
+            for e in self.cut_back(&path, step, rewrite)? {
+                self.note(&e);
+                if let Some(event::What::Summary(s)) = &e.what {
+                    for v in &s.value {
+                        present.entry(v.tag.clone()).or_default().insert(e.step);
                     }
                 }
-            }
-            if (damaged || kept.len() < records.len()) && own.as_deref() != Some(path.as_path()) {
-                tracing::warn!(
-                    "{}: resuming at step {step}: kept {} of its events{}",
-                    path.display(),
-                    kept.len(),
-                    if damaged {
-                        " (the rest was damaged or cut off)"
-                    } else {
-                        ""
-                    }
-                );
-                self.rewrite(&path, &kept)?;
             }
         }
         for m in metrics {
@@ -212,6 +187,43 @@ impl EventWriter {
         };
         self.write_event(step + 1, event::What::SessionLog(start))?;
         self.flush()
+    }
+
+    /// The events of `path` up to `step`, read until its first damaged or incomplete record;
+    /// with `rewrite`, the file is replaced by those events' records when anything was left
+    /// out.
+    fn cut_back(&self, path: &Path, step: i64, rewrite: bool) -> Result<Vec<Event>> {
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let (records, tail) = record::read_records(&bytes);
+        let (mut kept, mut events) = (Vec::new(), Vec::new());
+        let mut damaged = tail != record::Tail::Clean;
+        for r in &records {
+            match Event::decode(*r) {
+                Ok(e) if e.step <= step => {
+                    kept.push(*r);
+                    events.push(e);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    damaged = true;
+                    break;
+                }
+            }
+        }
+        if rewrite && (damaged || kept.len() < records.len()) {
+            let why = if damaged {
+                " (the rest was damaged or cut off)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "{}: resuming at step {step}: kept {} of its events{why}",
+                path.display(),
+                kept.len()
+            );
+            self.rewrite(path, &kept)?;
+        }
+        Ok(events)
     }
 
     /// The step and the summary values of a metrics record, without those `skip` rejects.

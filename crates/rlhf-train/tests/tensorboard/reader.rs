@@ -21,10 +21,9 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
-/// TensorFlow's masked CRC.
+/// TensorFlow's masked CRC: `((crc >> 15) | (crc << 17)) + 0xa282ead8`.
 fn masked(data: &[u8]) -> u32 {
-    let c = crc32c(data);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    crc32c(data).rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// A decoded summary value.
