@@ -1,9 +1,12 @@
 //! The run directory: resolved `config.toml`, `metrics.jsonl`, atomic `checkpoint-<step>/`
-//! directories (written under a temporary name, then renamed), rotation, and resume.
+//! directories (written under a temporary name, then renamed), rotation, and resume; with
+//! `report_to = ["tensorboard"]` the metrics and config also go to TensorBoard
+//! ([`crate::tensorboard`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -22,6 +25,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 pub struct RunDir {
     /// The directory.
     pub root: PathBuf,
+    /// The TensorBoard writer ([`RunDir::with_reporting`]), shared by clones.
+    pub(crate) tensorboard: Option<Arc<Mutex<crate::tensorboard::EventWriter>>>,
 }
 
 impl RunDir {
@@ -52,15 +57,17 @@ impl RunDir {
         std::fs::create_dir_all(root).map_err(io(root))?;
         Ok(Self {
             root: root.to_path_buf(),
+            tensorboard: None,
         })
     }
 
-    /// Writes the resolved config.
+    /// Writes the resolved config (and reports it as text to TensorBoard).
     pub fn write_config(&self, toml: &str) -> Result<()> {
-        write_atomic(&self.root.join("config.toml"), toml.as_bytes())
+        write_atomic(&self.root.join("config.toml"), toml.as_bytes())?;
+        self.report_config(toml)
     }
 
-    /// Appends one metrics object to `metrics.jsonl`.
+    /// Appends one metrics object to `metrics.jsonl` (and reports it to TensorBoard).
     pub fn log(&self, obj: &Value) -> Result<()> {
         let path = self.root.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new()
@@ -68,14 +75,16 @@ impl RunDir {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
-        writeln!(f, "{obj}").map_err(io(&path))
+        writeln!(f, "{obj}").map_err(io(&path))?;
+        self.report_metrics(obj)
     }
 
-    /// Drops metrics lines logged after `step` (used when resuming from a checkpoint).
+    /// Drops metrics lines (and TensorBoard events) logged after `step` (used when resuming
+    /// from a checkpoint).
     pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
         let path = self.root.join("metrics.jsonl");
         let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(());
+            return self.report_truncate(step, &path);
         };
         let kept: String = text
             .lines()
@@ -87,7 +96,8 @@ impl RunDir {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        write_atomic(&path, kept.as_bytes())
+        write_atomic(&path, kept.as_bytes())?;
+        self.report_truncate(step, &path)
     }
 
     /// Completed checkpoints, oldest first.

@@ -189,6 +189,8 @@ pub const RESUME_FREE_KEYS: &[&str] = &[
     "overwrite_output_dir",
     "resume_from_checkpoint",
     "quiet",
+    "report_to",
+    "logging_dir",
     "logging_steps",
     "log_samples",
     "eval_strategy",

@@ -17,6 +17,7 @@ pub mod score;
 pub mod sft;
 pub mod stop;
 pub mod synth;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -15,6 +15,7 @@ use crate::ppo::{log_stats, PpoState, PpoTrainer};
 use crate::ppo_config::PpoConfig;
 use crate::score::reward_tokens;
 use crate::stop::StopSignal;
+use crate::tensorboard::{ReportArgs, TagStyle};
 use crate::trainer::{permutation, prepare_run_dir};
 
 /// Settings of `rlhf ppo`: TRL's `PPOConfig` plus paths, generation and run cadence.
@@ -65,6 +66,9 @@ pub struct PpoRunConfig {
     /// LoRA / quantization (`use_peft`: the reference is the policy with adapters disabled).
     #[serde(flatten)]
     pub peft: PeftArgs,
+    /// `report_to` and `logging_dir` (TensorBoard; TRL 0.11's tags and histograms).
+    #[serde(flatten)]
+    pub report: ReportArgs,
 }
 
 impl Default for PpoRunConfig {
@@ -91,6 +95,7 @@ impl Default for PpoRunConfig {
             bf16: false,
             ppo: PpoConfig::default(),
             peft: PeftArgs::default(),
+            report: ReportArgs::default(),
         }
     }
 }
@@ -145,6 +150,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         cfg.overwrite_output_dir,
         cfg.resume_from_checkpoint.as_deref(),
     )?;
+    let run = run.with_tag_style(TagStyle::AsLogged);
     let opts = LoadOptions::default();
     let reward_model = Model::load(Path::new(&cfg.reward_model_path), &opts)?;
     if reward_model.score_head.is_none() {
@@ -266,6 +272,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         })?;
         let record = log_stats(&mut stats, &scores, trainer.current_step);
         run.log(&record)?;
+        run.log_histograms(trainer.current_step, &stats.tensors)?;
         let mean = stats.scalars["env/reward_mean"];
         reward_means.push(mean);
         progress.set_position(trainer.current_step);

@@ -76,6 +76,9 @@ pub struct TrainingArgs {
     pub bf16: bool,
     /// Logs only, no progress bar.
     pub quiet: bool,
+    /// `report_to` and `logging_dir` (TensorBoard).
+    #[serde(flatten)]
+    pub report: crate::tensorboard::ReportArgs,
 }
 
 impl Default for TrainingArgs {
@@ -109,6 +112,7 @@ impl Default for TrainingArgs {
             disable_dropout: false,
             bf16: false,
             quiet: false,
+            report: Default::default(),
         }
     }
 }
@@ -566,7 +570,8 @@ pub fn open_run<C: serde::Serialize>(
 
 /// The run directory of a trainer (see [`RunDir::prepare`]) and, when resuming, the resolved
 /// checkpoint, after checking that `cfg` trains as the run's saved configuration did
-/// ([`crate::config::check_resume`]).
+/// ([`crate::config::check_resume`]); reporting to the integrations of `cfg`'s `report_to`
+/// ([`RunDir::with_reporting`]).
 pub fn prepare_run_dir<C: serde::Serialize>(
     cfg: &C,
     output_dir: &str,
@@ -578,7 +583,8 @@ pub fn prepare_run_dir<C: serde::Serialize>(
     if let Some(saved) = resume.as_deref().and_then(|ckpt| run.saved_config(ckpt)) {
         crate::config::check_resume(cfg, &saved)?;
     }
-    Ok((run, resume))
+    let report = crate::tensorboard::ReportArgs::of(cfg)?;
+    Ok((run.with_reporting(&report, resume.is_some(), overwrite)?, resume))
 }
 
 /// The trainable weights of a model, named, for the optimizer.
