@@ -103,6 +103,12 @@ pub enum ModelError {
     /// A packed matrix product was given operands of the wrong size.
     #[error(transparent)]
     Gemm(#[from] rlhf_ops::bf16::GemmError),
+    /// A chat template is missing, does not parse, or rejected the conversation.
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    /// A model id could not be resolved in the Hugging Face cache or downloaded.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 /// Result alias of this crate.

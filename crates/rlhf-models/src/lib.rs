@@ -5,18 +5,21 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod gpt2;
 pub mod heads;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;
 
 pub use cache::KvCache;
+pub use chat::{ChatTemplate, Message, RenderOptions};
 pub use config::Gpt2Config;
 pub use decode::Decoder;
 pub use error::{ModelError, Result};
@@ -24,4 +27,5 @@ pub use generate::{generate, generate_composed, Generation, GenerationConfig};
 pub use gpt2::{Fwd, Gpt2};
 pub use heads::{ScoreHead, ValueHead};
 pub use model::{LoadOptions, Model};
+pub use hub::{resolve_model, HubEnv};
 pub use tokenizer::Tokenizer;
