@@ -172,7 +172,6 @@ pub struct ChatTemplate {
     selected: Option<String>,
     special: SpecialTokens,
     path: PathBuf,
-    clock: env::Clock,
     sources: BTreeMap<String, String>,
 }
 
@@ -194,9 +193,11 @@ impl ChatTemplate {
         let mut named = Vec::new();
         let file = dir.join("chat_template.jinja");
         let extra_dir = dir.join("additional_chat_templates");
-        let mut path = file.clone();
         if file.is_file() {
-            named.push(("default".to_string(), std::fs::read_to_string(&file).map_err(io_err(&file))?));
+            named.push((
+                "default".to_string(),
+                std::fs::read_to_string(&file).map_err(io_err(&file))?,
+            ));
         }
         if extra_dir.is_dir() {
             let mut extra: Vec<PathBuf> = std::fs::read_dir(&extra_dir)
@@ -206,13 +207,14 @@ impl ChatTemplate {
                 .collect();
             extra.sort();
             for p in extra {
-                let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 named.push((name, std::fs::read_to_string(&p).map_err(io_err(&p))?));
             }
-            if named.len() == 1 || !file.is_file() {
-                path = extra_dir.clone();
-            }
         }
+        let mut path = if file.is_file() { file } else { extra_dir };
         if named.is_empty() {
             path = cfg.path.clone();
             match &cfg.chat_template {
@@ -242,15 +244,13 @@ impl ChatTemplate {
     }
 
     fn from_named(named: Vec<(String, String)>, path: &Path, special: SpecialTokens) -> Result<Self> {
-        let clock = env::Clock::default();
         let mut this = Self {
-            env: env::environment(clock),
+            env: env::environment(env::Clock::default()),
             names: Vec::new(),
             tracked: Vec::new(),
             selected: None,
             special,
             path: path.to_path_buf(),
-            clock,
             sources: BTreeMap::new(),
         };
         for (name, source) in named {
@@ -293,7 +293,6 @@ impl ChatTemplate {
     /// Sets the time `strftime_now` reads (default: the local time at each render).
     pub fn with_clock(mut self, clock: env::Clock) -> Self {
         let names: Vec<String> = self.names.clone();
-        self.clock = clock;
         self.env = env::environment(clock);
         for name in names {
             let (rewritten, _) = env::rewrite_generation_tags(&self.sources[&name]);
@@ -361,9 +360,9 @@ impl ChatTemplate {
     /// [`ChatTemplate::render`] plus the byte spans of its `{% generation %}` blocks.
     pub fn render_tracked(&self, messages: &[Message], opts: &RenderOptions) -> Result<Rendered> {
         if opts.continue_final_message {
-            return Err(self.input_err(
-                "continue_final_message is not compatible with assistant masks (as in transformers)",
-            ));
+            return Err(
+                self.input_err("continue_final_message is not compatible with assistant masks (as in transformers)")
+            );
         }
         self.render_inner(messages, opts, true)
     }
@@ -409,7 +408,10 @@ impl ChatTemplate {
             let Some(start) = enc.char_to_token(span.start, 0) else {
                 break; // transformers: "start_token is out of bounds maybe due to truncation"
             };
-            let last_char = rendered.text[..span.end].char_indices().next_back().map_or(span.start, |(i, _)| i);
+            let last_char = rendered.text[..span.end]
+                .char_indices()
+                .next_back()
+                .map_or(span.start, |(i, _)| i);
             // transformers: `range(start, end + 1 if end_token else len(ids))`; a token index 0
             // counts as "no end" there too.
             let end = match enc.char_to_token(last_char, 0) {
@@ -439,9 +441,8 @@ impl ChatTemplate {
         const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
         let name = self.pick(opts)?;
         if messages.is_empty() {
-            return Err(self.input_err(
-                "cannot apply a chat template to an empty conversation; hint: give at least one message",
-            ));
+            return Err(self
+                .input_err("cannot apply a chat template to an empty conversation; hint: give at least one message"));
         }
         if opts.continue_final_message && opts.add_generation_prompt {
             return Err(self.input_err(
@@ -470,11 +471,7 @@ impl ChatTemplate {
             msg: describe(&e),
         })?;
         let text = tmpl.render(ctx).map_err(|e| self.render_error(name, &e))?;
-        let (mut text, spans) = if track {
-            take_spans(&text)
-        } else {
-            (text, Vec::new())
-        };
+        let (mut text, spans) = if track { take_spans(&text) } else { (text, Vec::new()) };
         if opts.continue_final_message {
             let needle = TAG.trim();
             if !text.contains(final_text.trim()) || !text.contains(needle) {
@@ -518,13 +515,12 @@ impl ChatTemplate {
                         return Ok(original);
                     }
                 }
-                Err(self.input_err(
-                    "continue_final_message is set but the final message has no text block to continue",
-                ))
+                Err(self.input_err("continue_final_message is set but the final message has no text block to continue"))
             }
-            _ => Err(self.input_err(
-                "continue_final_message is set but the final message has no \"content\" to continue",
-            )),
+            _ => {
+                Err(self
+                    .input_err("continue_final_message is set but the final message has no \"content\" to continue"))
+            }
         }
     }
 
@@ -537,9 +533,15 @@ impl ChatTemplate {
             ctx.insert(k.clone(), v.clone());
         }
         let mut vars = Map::new();
-        vars.insert("messages".into(), Value::Array(chat.iter().cloned().map(Value::Object).collect()));
+        vars.insert(
+            "messages".into(),
+            Value::Array(chat.iter().cloned().map(Value::Object).collect()),
+        );
         vars.insert("tools".into(), opts.tools.clone().map_or(Value::Null, Value::Array));
-        vars.insert("documents".into(), opts.documents.clone().map_or(Value::Null, Value::Array));
+        vars.insert(
+            "documents".into(),
+            opts.documents.clone().map_or(Value::Null, Value::Array),
+        );
         vars.insert("add_generation_prompt".into(), Value::Bool(opts.add_generation_prompt));
         for (k, v) in ctx {
             vars.insert(k, v);
@@ -575,7 +577,12 @@ impl ChatTemplate {
 /// A message as the template sees it: null fields dropped, reasoning fields aliased
 /// (transformers' `apply_chat_template` and `_alias_reasoning_fields`).
 fn prepare_message(m: &Message) -> Map<String, Value> {
-    let mut msg: Map<String, Value> = m.fields().iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut msg: Map<String, Value> = m
+        .fields()
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let reasoning = ["reasoning_content", "thinking", "reasoning"]
         .iter()
         .find_map(|k| msg.get(*k).cloned());
@@ -613,7 +620,9 @@ fn take_spans(marked: &str) -> (String, Vec<Range<usize>>) {
 
 /// minijinja's message with the template line, without the debug dump.
 fn describe(e: &minijinja::Error) -> String {
-    let mut msg = e.detail().map_or_else(|| e.kind().to_string(), |d| format!("{}: {d}", e.kind()));
+    let mut msg = e
+        .detail()
+        .map_or_else(|| e.kind().to_string(), |d| format!("{}: {d}", e.kind()));
     if let Some(line) = e.line() {
         msg.push_str(&format!(" (line {line})"));
     }

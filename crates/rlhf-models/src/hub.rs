@@ -73,7 +73,10 @@ impl HubEnv {
     /// `HF_HOME`, or its default `$XDG_CACHE_HOME/huggingface`, `~/.cache/huggingface`.
     pub fn hf_home(&self) -> Option<PathBuf> {
         self.hf_home.clone().or_else(|| {
-            let cache = self.xdg_cache_home.clone().or_else(|| self.home.as_ref().map(|h| h.join(".cache")))?;
+            let cache = self
+                .xdg_cache_home
+                .clone()
+                .or_else(|| self.home.as_ref().map(|h| h.join(".cache")))?;
             Some(cache.join("huggingface"))
         })
     }
@@ -208,12 +211,22 @@ fn fill_hint(id: &str, revision: &str, cache: &Path) -> String {
 /// A model directory for `id_or_path` (a directory, or a Hub id at `revision`), reading the
 /// process environment; see the [module docs](self).
 pub fn resolve_model(id_or_path: &str, revision: Option<&str>) -> Result<PathBuf> {
-    Ok(resolve_in(id_or_path, revision, RepoKind::Model, &HubEnv::from_process())?)
+    Ok(resolve_in(
+        id_or_path,
+        revision,
+        RepoKind::Model,
+        &HubEnv::from_process(),
+    )?)
 }
 
 /// An adapter directory for `id_or_path`, as [`resolve_model`] (needs `adapter_config.json`).
 pub fn resolve_adapter(id_or_path: &str, revision: Option<&str>) -> Result<PathBuf> {
-    Ok(resolve_in(id_or_path, revision, RepoKind::Adapter, &HubEnv::from_process())?)
+    Ok(resolve_in(
+        id_or_path,
+        revision,
+        RepoKind::Adapter,
+        &HubEnv::from_process(),
+    )?)
 }
 
 /// Resolution with an explicit environment (see the [module docs](self)).
@@ -279,7 +292,9 @@ fn check_repo_id(id: &str) -> std::result::Result<(), String> {
         return Err("an id cannot contain `--` or `..`".into());
     }
     for p in parts {
-        let ok_chars = p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let ok_chars = p
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         let bad_ends = p.starts_with(['-', '.']) || p.ends_with(['-', '.']);
         if p.is_empty() || !ok_chars || bad_ends {
             return Err(format!("`{p}` is not a valid name: letters, digits, `-`, `_`, `.`"));
@@ -367,7 +382,10 @@ impl CachedRepo<'_> {
         if !shards.is_empty() {
             return Err(self.incomplete(
                 &snapshot,
-                format!("shards listed in model.safetensors.index.json are missing: {}", shards.join(", ")),
+                format!(
+                    "shards listed in model.safetensors.index.json are missing: {}",
+                    shards.join(", ")
+                ),
             ));
         }
         Ok(Some(snapshot))
@@ -461,7 +479,12 @@ fn download(repo: &CachedRepo<'_>, env: &HubEnv) -> std::result::Result<(), Stri
         repo.revision.to_string(),
     ));
     let info = api_repo.info().map_err(|e| e.to_string())?;
-    let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| wanted(f)).collect();
+    let files: Vec<&str> = info
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.as_str())
+        .filter(|f| wanted(f))
+        .collect();
     if files.is_empty() {
         return Err("the repository has no config, tokenizer or safetensors files".into());
     }
@@ -500,7 +523,14 @@ mod tests {
 
     #[test]
     fn offline_takes_pythons_true_values() {
-        for (v, want) in [("1", true), ("ON", true), ("yes", true), ("True", true), ("0", false), ("no", false)] {
+        for (v, want) in [
+            ("1", true),
+            ("ON", true),
+            ("yes", true),
+            ("True", true),
+            ("0", false),
+            ("no", false),
+        ] {
             let env = HubEnv::from_vars(|k| (k == "HF_HUB_OFFLINE").then(|| v.to_string()));
             assert_eq!(env.offline, want, "{v}");
         }
@@ -508,7 +538,12 @@ mod tests {
 
     #[test]
     fn repo_ids_are_checked_as_huggingface_hub_does() {
-        for ok in ["gpt2", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B-Instruct", "a_b/c.d"] {
+        for ok in [
+            "gpt2",
+            "Qwen/Qwen2.5-0.5B",
+            "meta-llama/Llama-3.2-1B-Instruct",
+            "a_b/c.d",
+        ] {
             assert!(check_repo_id(ok).is_ok(), "{ok}");
         }
         for bad in ["", "a/b/c", "a--b", "a/..b", "-a", "a.", "/abs/path", "./rel", "a b"] {

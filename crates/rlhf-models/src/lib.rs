@@ -26,6 +26,6 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, generate_composed, Generation, GenerationConfig};
 pub use gpt2::{Fwd, Gpt2};
 pub use heads::{ScoreHead, ValueHead};
-pub use model::{LoadOptions, Model};
 pub use hub::{resolve_model, HubEnv};
+pub use model::{LoadOptions, Model};
 pub use tokenizer::Tokenizer;

@@ -205,7 +205,11 @@ fn token_string(v: Option<&Value>, path: &Path, name: &str) -> Result<Option<Str
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Object(o)) => match o.get("content") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(config_err(path, name, "an AddedToken object needs a string `content`".into())),
+            _ => Err(config_err(
+                path,
+                name,
+                "an AddedToken object needs a string `content`".into(),
+            )),
         },
         Some(other) => Err(config_err(
             path,
@@ -367,10 +371,12 @@ impl Tokenizer {
 
     /// The full encoding of `text` (ids and byte offsets into `text`).
     pub(crate) fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
-        self.inner.encode(text, add_special_tokens).map_err(|e| ModelError::Tokenizer {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })
+        self.inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })
     }
 
     /// Text of `ids`; special tokens are kept unless `skip_special`.
@@ -398,7 +404,7 @@ impl Tokenizer {
 
     /// The EOS token's text (`tokenizer_config.json`'s, else the text of `eos_token_id`).
     pub fn eos_token(&self) -> Option<String> {
-        (self.config.special.eos_token.clone()).or_else(|| self.id_to_token(self.eos_token_id))
+        self.config.special.eos_token.clone().or_else(|| self.id_to_token(self.eos_token_id))
     }
 
     /// The BOS token's text, if the tokenizer has one.

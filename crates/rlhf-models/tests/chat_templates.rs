@@ -25,7 +25,11 @@ fn tokenizer(dir: &str) -> Tokenizer {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn messages(v: &Value) -> Vec<Message> {
@@ -59,14 +63,19 @@ fn every_fixture_conversation_renders_and_encodes_as_transformers() {
     let fx = read_json("chat_templates.json");
     let mut checked = 0;
     for (name, t) in fx["templates"].as_object().unwrap() {
-        let dir = t["tokenizer_dir"].as_str().unwrap().trim_start_matches("fixtures/families/");
+        let dir = t["tokenizer_dir"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("fixtures/families/");
         let tok = tokenizer(dir);
         let tmpl = ChatTemplate::from_file(&template_file(name), tok.config.special.clone()).unwrap();
         for row in t["conversations"].as_array().unwrap() {
             let case = format!("{name}/{}", row["name"].as_str().unwrap());
             let msgs = messages(&row["messages"]);
             let opts = options(&row["kwargs"]);
-            let enc = tmpl.encode(&tok, &msgs, &opts).unwrap_or_else(|e| panic!("{case}: {e}"));
+            let enc = tmpl
+                .encode(&tok, &msgs, &opts)
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
             assert_eq!(enc.text, row["rendered"].as_str().unwrap(), "{case}: text");
             assert_eq!(enc.ids, ids(&row["ids"]), "{case}: ids");
             assert_eq!(
@@ -85,13 +94,19 @@ fn model_directories_give_their_own_template_and_special_tokens() {
     // tiny-qwen2 keeps its template in chat_template.jinja, tiny-qwen3 and tiny-llama in
     // tokenizer_config.json; each is the TRL file the fixture names.
     let fx = read_json("chat_templates.json");
-    for (dir, name) in [("tiny-qwen2", "qwen2_5"), ("tiny-qwen3", "qwen3"), ("tiny-llama", "llama3_2")] {
+    for (dir, name) in [
+        ("tiny-qwen2", "qwen2_5"),
+        ("tiny-qwen3", "qwen3"),
+        ("tiny-llama", "llama3_2"),
+    ] {
         let tmpl = ChatTemplate::from_dir(&fixtures().join(dir)).unwrap();
         let want = std::fs::read_to_string(template_file(name)).unwrap();
         assert_eq!(tmpl.source(&RenderOptions::default()).unwrap(), want, "{dir}");
         let tok = tokenizer(dir);
         for row in fx["templates"][name]["conversations"].as_array().unwrap() {
-            let enc = tmpl.encode(&tok, &messages(&row["messages"]), &options(&row["kwargs"])).unwrap();
+            let enc = tmpl
+                .encode(&tok, &messages(&row["messages"]), &options(&row["kwargs"]))
+                .unwrap();
             assert_eq!(enc.ids, ids(&row["ids"]), "{dir} {}", row["name"]);
         }
     }
@@ -104,7 +119,10 @@ fn a_model_without_template_asked_for_messages_names_the_directory() {
     let err = ChatTemplate::from_dir(&dir).unwrap_err();
     assert!(matches!(err, ModelError::Chat(ChatError::NoTemplate { .. })), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("tiny-mistral") && msg.contains("no chat template") && msg.contains("hint:"), "{msg}");
+    assert!(
+        msg.contains("tiny-mistral") && msg.contains("no chat template") && msg.contains("hint:"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -120,17 +138,37 @@ fn tokenizer_special_tokens_and_ids_follow_tokenizer_config() {
         let tok = tokenizer(dir);
         assert_eq!(tok.vocab_size() as u64, t["len"].as_u64().unwrap(), "{fam}");
         assert_eq!(tok.bos_token(), t["bos_token"].as_str(), "{fam} bos");
-        assert_eq!(tok.bos_token_id.map(u64::from), t["bos_token_id"].as_u64(), "{fam} bos id");
+        assert_eq!(
+            tok.bos_token_id.map(u64::from),
+            t["bos_token_id"].as_u64(),
+            "{fam} bos id"
+        );
         assert_eq!(tok.eos_token().as_deref(), t["eos_token"].as_str(), "{fam} eos");
-        assert_eq!(u64::from(tok.eos_token_id), t["eos_token_id"].as_u64().unwrap(), "{fam} eos id");
-        assert_eq!(tok.config.special.pad_token.as_deref(), t["pad_token"].as_str(), "{fam} pad");
-        assert_eq!(tok.config.special.unk_token.as_deref(), t["unk_token"].as_str(), "{fam} unk");
+        assert_eq!(
+            u64::from(tok.eos_token_id),
+            t["eos_token_id"].as_u64().unwrap(),
+            "{fam} eos id"
+        );
+        assert_eq!(
+            tok.config.special.pad_token.as_deref(),
+            t["pad_token"].as_str(),
+            "{fam} pad"
+        );
+        assert_eq!(
+            tok.config.special.unk_token.as_deref(),
+            t["unk_token"].as_str(),
+            "{fam} unk"
+        );
         // No pad token: TRL pads with EOS.
         let want_pad = t["pad_token_id"].as_u64().or(t["eos_token_id"].as_u64()).unwrap();
         assert_eq!(u64::from(tok.pad_token_id), want_pad, "{fam} pad id");
         for (i, case) in fx["encodings"][fam].as_array().unwrap().iter().enumerate() {
             let text = case["text"].as_str().unwrap();
-            assert_eq!(tok.encode_special(text, true).unwrap(), ids(&case["ids"]), "{fam} text {i}");
+            assert_eq!(
+                tok.encode_special(text, true).unwrap(),
+                ids(&case["ids"]),
+                "{fam} text {i}"
+            );
             assert_eq!(
                 tok.encode(text).unwrap(),
                 ids(&case["ids_add_special_tokens_false"]),
@@ -146,7 +184,10 @@ fn generation_config_ids_are_the_stop_ids_and_config_pad_is_the_fallback() {
     let tok = Tokenizer::from_dir(&dir, &[2009, 2001], Some(2004)).unwrap();
     assert_eq!(tok.eos_token_id, 2009);
     assert_eq!(tok.eos_token_ids, vec![2009, 2001]);
-    assert_eq!(tok.pad_token_id, 2004, "config.json pad_token_id when the tokenizer has no pad token");
+    assert_eq!(
+        tok.pad_token_id, 2004,
+        "config.json pad_token_id when the tokenizer has no pad token"
+    );
     let qwen = Tokenizer::from_dir(&fixtures().join("tiny-qwen2"), &[2002, 2000], Some(7)).unwrap();
     assert_eq!(qwen.pad_token_id, 2000, "the tokenizer's pad token wins");
 }
@@ -160,19 +201,25 @@ fn qwen() -> (Tokenizer, ChatTemplate) {
 #[test]
 fn a_template_that_does_not_parse_names_its_file_and_line() {
     let path = Path::new("/models/x/chat_template.jinja");
-    let err = ChatTemplate::from_source("{% for m in messages %}\n{{ m.content }", path, SpecialTokens::default())
-        .unwrap_err();
+    let err = ChatTemplate::from_source(
+        "{% for m in messages %}\n{{ m.content }",
+        path,
+        SpecialTokens::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, ModelError::Chat(ChatError::Syntax { .. })), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("/models/x/chat_template.jinja") && msg.contains("line 2"), "{msg}");
+    assert!(
+        msg.contains("/models/x/chat_template.jinja") && msg.contains("line 2"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn raise_exception_is_a_typed_error_with_the_templates_message() {
     let tmpl = ChatTemplate::from_file(&template_file("llama3_1"), tokenizer("tiny-llama").config.special).unwrap();
     let tool = serde_json::json!({"function": {"name": "f"}});
-    let two_calls = Message::new("assistant", "")
-        .with("tool_calls", Value::Array(vec![tool.clone(), tool]));
+    let two_calls = Message::new("assistant", "").with("tool_calls", Value::Array(vec![tool.clone(), tool]));
     let err = tmpl
         .render(&[Message::new("user", "hi"), two_calls], &RenderOptions::default())
         .unwrap_err();
@@ -196,9 +243,16 @@ fn strftime_now_reads_the_clock_and_a_fixed_clock_is_reproducible() {
     let mut opts = options(&row["kwargs"]);
     opts.kwargs.remove("date_string");
     let text = tmpl.render(&messages(&row["messages"]), &opts).unwrap();
-    assert_eq!(text, row["rendered"].as_str().unwrap(), "strftime_now(\"%d %b %Y\") of the fixed day");
+    assert_eq!(
+        text,
+        row["rendered"].as_str().unwrap(),
+        "strftime_now(\"%d %b %Y\") of the fixed day"
+    );
     let other_day = tmpl.clone().with_clock(Clock::fixed("2025-01-02").unwrap());
-    assert!(other_day.render(&messages(&row["messages"]), &opts).unwrap().contains("Today Date: 02 Jan 2025"));
+    assert!(other_day
+        .render(&messages(&row["messages"]), &opts)
+        .unwrap()
+        .contains("Today Date: 02 Jan 2025"));
 }
 
 #[test]
@@ -215,7 +269,11 @@ fn continue_final_message_ends_inside_the_last_message() {
         add_generation_prompt: true,
         ..opts
     };
-    assert!(tmpl.render(&msgs, &both).unwrap_err().to_string().contains("not compatible"));
+    assert!(tmpl
+        .render(&msgs, &both)
+        .unwrap_err()
+        .to_string()
+        .contains("not compatible"));
 }
 
 #[test]
@@ -231,7 +289,11 @@ fn generation_blocks_give_assistant_masks_and_render_the_same_text() {
     ];
     let opts = RenderOptions::default();
     let enc = training.encode_with_assistant_mask(&tok, &msgs, &opts).unwrap();
-    assert_eq!(enc.text, plain.render(&msgs, &opts).unwrap(), "{{% generation %}} writes nothing itself");
+    assert_eq!(
+        enc.text,
+        plain.render(&msgs, &opts).unwrap(),
+        "{{% generation %}} writes nothing itself"
+    );
     assert_eq!(enc.ids.len(), enc.assistant_mask.len());
     // Masked tokens decode to "\n<reply><|im_end|>\n" of each assistant turn.
     let mut spans = Vec::new();
@@ -279,5 +341,60 @@ fn named_templates_in_tokenizer_config_pick_default_or_tool_use() {
     std::fs::write(dir.path().join("chat_template.jinja"), "F{{ messages[0].content }}\n").unwrap();
     let tmpl = ChatTemplate::from_dir(dir.path()).unwrap();
     assert_eq!(tmpl.names(), ["default"]);
-    assert_eq!(tmpl.render(&msgs, &tools).unwrap(), "Fx", "one trailing newline is dropped, as in Jinja2");
+    assert_eq!(
+        tmpl.render(&msgs, &tools).unwrap(),
+        "Fx",
+        "one trailing newline is dropped, as in Jinja2"
+    );
+}
+
+#[test]
+fn edge_cases_render_encode_and_mask_as_transformers() {
+    // fixtures/families/chat_edge_cases.json (made by chat_edge_cases.py beside it): tool calls
+    // with null content and unsorted argument keys, floats and non-ASCII text through tojson,
+    // reasoning_content, continue_final_message with trailing spaces, raise_exception, and the
+    // assistant masks of TRL's training templates on multi-byte multi-turn chats.
+    let fx = read_json("chat_edge_cases.json");
+    let cases = fx["cases"].as_array().unwrap();
+    for case in cases {
+        let label = format!(
+            "{}/{}",
+            case["template"].as_str().unwrap(),
+            case["name"].as_str().unwrap()
+        );
+        let tok = tokenizer(case["tokenizer_dir"].as_str().unwrap());
+        let tmpl = ChatTemplate::from_file(
+            &template_file(case["template"].as_str().unwrap()),
+            tok.config.special.clone(),
+        )
+        .unwrap();
+        let msgs = messages(&case["messages"]);
+        let opts = options(&case["kwargs"]);
+        if let Some(want) = case.get("error") {
+            match tmpl.render(&msgs, &opts) {
+                Err(ModelError::Chat(ChatError::Raised { msg, .. })) => {
+                    assert_eq!(msg, want.as_str().unwrap(), "{label}")
+                }
+                other => panic!("{label}: {other:?}"),
+            }
+            continue;
+        }
+        let enc = match case.get("assistant_masks") {
+            Some(_) => tmpl.encode_with_assistant_mask(&tok, &msgs, &opts),
+            None => tmpl.encode(&tok, &msgs, &opts),
+        }
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(enc.text, case["rendered"].as_str().unwrap(), "{label}: text");
+        assert_eq!(enc.ids, ids(&case["ids"]), "{label}: ids");
+        if let Some(want) = case.get("assistant_masks") {
+            let want: Vec<u8> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(enc.assistant_mask, want, "{label}: assistant mask");
+        }
+    }
+    assert_eq!(cases.len(), 13);
 }

@@ -70,7 +70,10 @@ fn a_revision_is_a_ref_name_or_a_commit_hash() {
     assert_eq!(resolve_in(id, Some(COMMIT), RepoKind::Model, &e).unwrap(), main);
     let err = resolve_in(id, Some("v3"), RepoKind::Model, &e).unwrap_err();
     assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
-    assert!(err.to_string().contains("revision `v3`") && err.to_string().contains("--revision v3"), "{err}");
+    assert!(
+        err.to_string().contains("revision `v3`") && err.to_string().contains("--revision v3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,8 +99,14 @@ fn offline_and_not_cached_names_the_cache_and_how_to_fill_it() {
     let msg = err.to_string();
     assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
     assert!(msg.contains(&cache.path().display().to_string()), "{msg}");
-    assert!(msg.contains("HF_HUB_OFFLINE is set"), "offline never tries the network: {msg}");
-    assert!(msg.contains("hf download org/absent") && msg.contains("huggingface-cli download"), "{msg}");
+    assert!(
+        msg.contains("HF_HUB_OFFLINE is set"),
+        "offline never tries the network: {msg}"
+    );
+    assert!(
+        msg.contains("hf download org/absent") && msg.contains("huggingface-cli download"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -106,7 +115,10 @@ fn online_a_failed_download_names_the_cache_and_the_failure() {
     let err = resolve_in("org/absent", None, RepoKind::Model, &env(cache.path(), false)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
-    assert!(msg.contains("download failed") && msg.contains(&cache.path().display().to_string()), "{msg}");
+    assert!(
+        msg.contains("download failed") && msg.contains(&cache.path().display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -117,7 +129,10 @@ fn a_ref_to_a_missing_snapshot_is_an_error_naming_both() {
     let err = resolve_in("org/m", None, RepoKind::Model, &env(cache.path(), true)).unwrap_err();
     assert!(matches!(err, HubError::MissingSnapshot { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("refs/main") && msg.contains(COMMIT) && msg.contains("does not exist"), "{msg}");
+    assert!(
+        msg.contains("refs/main") && msg.contains(COMMIT) && msg.contains("does not exist"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -161,7 +176,13 @@ fn partial_downloads_are_detected() {
 #[test]
 fn adapters_need_adapter_config_json() {
     let cache = tempfile::tempdir().unwrap();
-    let snap = cache_repo(cache.path(), "org/lora", "main", COMMIT, &[("adapter_config.json", "{}")]);
+    let snap = cache_repo(
+        cache.path(),
+        "org/lora",
+        "main",
+        COMMIT,
+        &[("adapter_config.json", "{}")],
+    );
     let e = env(cache.path(), true);
     assert_eq!(resolve_in("org/lora", None, RepoKind::Adapter, &e).unwrap(), snap);
     assert!(resolve_in("org/lora", None, RepoKind::Model, &e).is_err());
@@ -170,12 +191,20 @@ fn adapters_need_adapter_config_json() {
 #[test]
 fn a_resolved_fixture_model_loads_the_same_tokenizer_and_template_as_its_directory() {
     // The hidden check's shape: `--model org/name` from a cache must equal the directory.
-    let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/families/tiny-qwen2"));
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/families/tiny-qwen2"
+    ));
     let cache = tempfile::tempdir().unwrap();
-    let files: Vec<(String, String)> = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read_to_string(src.join(f)).unwrap()))
-        .collect();
+    let files: Vec<(String, String)> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read_to_string(src.join(f)).unwrap()))
+    .collect();
     let borrowed: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     cache_repo(cache.path(), "tiny/qwen2", "main", COMMIT, &borrowed);
     let dir = resolve_in("tiny/qwen2", None, RepoKind::Model, &env(cache.path(), true)).unwrap();

@@ -128,10 +128,11 @@ impl<'a> ChatData<'a> {
 
     /// Reward pair ids `(prompt + chosen, prompt + rejected)`.
     pub fn reward_pair(&self, rows: &Rows, idx: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        let conversational = self.conversational(rows, idx)?;
         let prompt = self.opt_field(rows, idx, "prompt")?;
         let chosen = self.field(rows, idx, "chosen")?;
         let rejected = self.field(rows, idx, "rejected")?;
-        if self.conversational(rows, idx)? {
+        if conversational {
             let opts = self.options(rows, idx, false)?;
             let whole = |answer: Field| -> Result<Vec<u32>> {
                 let msgs = concat(prompt.clone(), answer);
@@ -141,20 +142,22 @@ impl<'a> ChatData<'a> {
         } else {
             let p = text_of(prompt);
             let eos = self.eos_text(rows, idx)?;
-            let whole = |answer: Field| self.tokenize(rows, idx, &format!("{p}{}", with_eos(&text_of(Some(answer)), &eos)));
+            let whole =
+                |answer: Field| self.tokenize(rows, idx, &format!("{p}{}", with_eos(&text_of(Some(answer)), &eos)));
             Ok((whole(chosen)?, whole(rejected)?))
         }
     }
 
     /// DPO ids: prompt, chosen and rejected completions.
     pub fn dpo_triple(&self, rows: &Rows, idx: usize) -> Result<DpoTokens> {
+        let conversational = self.conversational(rows, idx)?;
         let chosen = self.field(rows, idx, "chosen")?;
         let rejected = self.field(rows, idx, "rejected")?;
         let (prompt, chosen, rejected) = match self.opt_field(rows, idx, "prompt")? {
             Some(p) => (p, chosen, rejected),
             None => extract_prompt(chosen, rejected),
         };
-        let (prompt_ids, chosen_full, rejected_full) = if self.conversational(rows, idx)? {
+        let (prompt_ids, chosen_full, rejected_full) = if conversational {
             let prompt_opts = self.options(rows, idx, true)?;
             let opts = self.options(rows, idx, false)?;
             let p = messages_of(prompt.clone());
@@ -181,7 +184,13 @@ impl<'a> ChatData<'a> {
     }
 
     /// SFT ids and masks; `text_field` is the column of language-modeling text rows.
-    pub fn sft_example(&self, rows: &Rows, idx: usize, text_field: &str, assistant_only_loss: bool) -> Result<SftTokens> {
+    pub fn sft_example(
+        &self,
+        rows: &Rows,
+        idx: usize,
+        text_field: &str,
+        assistant_only_loss: bool,
+    ) -> Result<SftTokens> {
         let conversational = self.conversational(rows, idx)?;
         if assistant_only_loss && !conversational {
             return Err(row_err(
@@ -204,7 +213,11 @@ impl<'a> ChatData<'a> {
                 let eos = self.eos_text(rows, idx)?;
                 let p = text_of(Some(prompt));
                 let c = with_eos(&text_of(Some(completion)), &eos);
-                (self.tokenize(rows, idx, &p)?, self.tokenize(rows, idx, &format!("{p}{c}"))?, None)
+                (
+                    self.tokenize(rows, idx, &p)?,
+                    self.tokenize(rows, idx, &format!("{p}{c}"))?,
+                    None,
+                )
             };
             let n = common_prefix_length(&prompt_ids, &full);
             SftTokens {
@@ -246,6 +259,7 @@ impl<'a> ChatData<'a> {
     /// Prompt ids for generation (GRPO, RLOO, PPO): the `prompt` column (or `query` for text)
     /// rendered with the generation prompt.
     pub fn prompt_ids(&self, rows: &Rows, idx: usize) -> Result<Vec<u32>> {
+        self.conversational(rows, idx)?;
         let col = if rows.has(idx, "prompt") || !rows.has(idx, "query") {
             "prompt"
         } else {
@@ -331,7 +345,13 @@ impl<'a> ChatData<'a> {
             Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
                 Ok(Value::Array(a)) => Some(a),
                 Ok(Value::Null) => None,
-                _ => return Err(row_err(rows, idx, "column `tools` must be a list of tool schemas (or that list as JSON text)")),
+                _ => {
+                    return Err(row_err(
+                        rows,
+                        idx,
+                        "column `tools` must be a list of tool schemas (or that list as JSON text)",
+                    ))
+                }
             },
             Some(_) => return Err(row_err(rows, idx, "column `tools` must be a list of tool schemas")),
         };
@@ -345,16 +365,29 @@ impl<'a> ChatData<'a> {
     }
 
     fn template(&self, rows: &Rows, idx: usize) -> Result<&'a ChatTemplate> {
-        self.template
-            .ok_or_else(|| row_err(rows, idx, "the row is conversational but the model has no chat template"))
+        self.template.ok_or_else(|| {
+            row_err(
+                rows,
+                idx,
+                "the row is conversational but the model has no chat template",
+            )
+        })
     }
 
     fn encode(&self, rows: &Rows, idx: usize, msgs: &[Message], opts: &RenderOptions) -> Result<Vec<u32>> {
         let t = self.template(rows, idx)?;
-        Ok(t.encode(self.tokenizer, msgs, opts).map_err(|e| in_row(rows, idx, e))?.ids)
+        Ok(t.encode(self.tokenizer, msgs, opts)
+            .map_err(|e| in_row(rows, idx, e))?
+            .ids)
     }
 
-    fn encode_masked(&self, rows: &Rows, idx: usize, msgs: &[Message], masked: bool) -> Result<(Vec<u32>, Option<Vec<u8>>)> {
+    fn encode_masked(
+        &self,
+        rows: &Rows,
+        idx: usize,
+        msgs: &[Message],
+        masked: bool,
+    ) -> Result<(Vec<u32>, Option<Vec<u8>>)> {
         let opts = self.options(rows, idx, false)?;
         if !masked {
             return Ok((self.encode(rows, idx, msgs, &opts)?, None));
@@ -368,7 +401,9 @@ impl<'a> ChatData<'a> {
 
     /// `tokenizer(text)`: special tokens added, as TRL's `_tokenize` on text.
     fn tokenize(&self, rows: &Rows, idx: usize, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode_special(text, true).map_err(|e| in_row(rows, idx, e))
+        self.tokenizer
+            .encode_special(text, true)
+            .map_err(|e| in_row(rows, idx, e))
     }
 
     fn eos_text(&self, rows: &Rows, idx: usize) -> Result<String> {
@@ -428,20 +463,13 @@ pub fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
 /// TRL's `extract_prompt`: the shared start of `chosen` and `rejected` becomes the prompt (whole
 /// messages, or characters for text, leaving a separating space with the completions).
 pub fn extract_prompt(chosen: Field, rejected: Field) -> (Field, Field, Field) {
-    fn split<T: PartialEq + Clone>(c: &[T], r: &[T], is_space: impl Fn(&T) -> bool) -> usize {
-        let n = c.len().min(r.len());
-        // Python's `for idx in range(n)` leaves idx at n - 1 when nothing differs.
-        let mut idx = n.saturating_sub(1);
-        for i in 0..n {
-            if c[i] != r[i] {
-                idx = i;
-                if i > 0 && is_space(&c[i - 1]) {
-                    idx -= 1;
-                }
-                break;
-            }
+    fn split<T: PartialEq>(c: &[T], r: &[T], is_space: impl Fn(&T) -> bool) -> usize {
+        match c.iter().zip(r).position(|(a, b)| a != b) {
+            Some(i) if i > 0 && is_space(&c[i - 1]) => i - 1,
+            Some(i) => i,
+            // Python's `for idx in range(n)` leaves idx at n - 1 when nothing differs.
+            None => c.len().min(r.len()).saturating_sub(1),
         }
-        idx
     }
     match (chosen, rejected) {
         (Field::Messages(c), Field::Messages(r)) => {
@@ -456,7 +484,11 @@ pub fn extract_prompt(chosen: Field, rejected: Field) -> (Field, Field, Field) {
             let (cc, rc): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
             let k = split(&cc, &rc, |ch| *ch == ' ');
             let s = |v: &[char]| v.iter().collect::<String>();
-            (Field::Text(s(&cc[..k])), Field::Text(s(&cc[k..])), Field::Text(s(&rc[k..])))
+            (
+                Field::Text(s(&cc[..k])),
+                Field::Text(s(&cc[k..])),
+                Field::Text(s(&rc[k..])),
+            )
         }
         (c, r) => (Field::Text(String::new()), c, r),
     }
@@ -468,7 +500,10 @@ mod tests {
 
     #[test]
     fn extract_prompt_takes_the_common_start_as_trl() {
-        let (p, c, r) = extract_prompt(Field::Text("Q: sky? A: blue".into()), Field::Text("Q: sky? A: green".into()));
+        let (p, c, r) = extract_prompt(
+            Field::Text("Q: sky? A: blue".into()),
+            Field::Text("Q: sky? A: green".into()),
+        );
         assert_eq!(
             (p, c, r),
             (

@@ -28,11 +28,19 @@ fn one_row(row: &Value) -> Rows {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn mask(v: &Value) -> Vec<u8> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u8)
+        .collect()
 }
 
 fn labels(v: &Value) -> Vec<i64> {
@@ -53,7 +61,12 @@ fn each_family() -> Vec<Family> {
         .unwrap()
         .iter()
         .map(|(name, f)| {
-            let dir = families().join(f["tokenizer_dir"].as_str().unwrap().trim_start_matches("fixtures/families/"));
+            let dir = families().join(
+                f["tokenizer_dir"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("fixtures/families/"),
+            );
             Family {
                 name: name.clone(),
                 fx: f.clone(),
@@ -74,7 +87,12 @@ fn reward_pairs_equal_trl_reward_trainer() {
         let (chosen, rejected) = data.reward_pair(&rows, 0).unwrap();
         assert_eq!(chosen, ids(&r["chosen_ids"]), "{} chosen", f.name);
         assert_eq!(rejected, ids(&r["rejected_ids"]), "{} rejected", f.name);
-        assert_eq!(u64::from(f.tok.pad_token_id), r["pad_token_id_set_by_trainer"].as_u64().unwrap(), "{}", f.name);
+        assert_eq!(
+            u64::from(f.tok.pad_token_id),
+            r["pad_token_id_set_by_trainer"].as_u64().unwrap(),
+            "{}",
+            f.name
+        );
         // The collator's batch: [chosen; rejected] right-padded with the pad id.
         let (batch, _) = rlhf_train::collate::pad(
             &[chosen, rejected],
@@ -107,7 +125,12 @@ fn sft_prompt_completion_equals_trl_sft_trainer() {
         let data = ChatData::with_template(&f.tok, Some(&f.template));
         let t = data.sft_example(&one_row(&s["row"]), 0, "text", false).unwrap();
         assert_eq!(t.input_ids, ids(&s["input_ids"]), "{} input_ids", f.name);
-        assert_eq!(t.completion_mask.as_ref().unwrap(), &mask(&s["completion_mask"]), "{} mask", f.name);
+        assert_eq!(
+            t.completion_mask.as_ref().unwrap(),
+            &mask(&s["completion_mask"]),
+            "{} mask",
+            f.name
+        );
         assert!(s["completion_only_loss_effective"].as_bool().unwrap());
         assert_eq!(t.labels(true), labels(&s["labels"]), "{} labels", f.name);
     }
@@ -136,9 +159,24 @@ fn sft_assistant_only_loss_equals_trl_with_its_training_templates() {
         let data = ChatData::with_template(&f.tok, Some(&training));
         let t = data.sft_example(&rows, 0, "text", true).unwrap();
         assert_eq!(t.input_ids, ids(&s["input_ids"]), "{} input_ids", f.name);
-        assert_eq!(t.assistant_mask.as_ref().unwrap(), &mask(&s["assistant_masks"]), "{} assistant mask", f.name);
-        assert_eq!(t.labels(true), labels(&s["labels_with_completion_only_loss_default"]), "{}", f.name);
-        assert_eq!(t.labels(false), labels(&s["labels_with_completion_only_loss_false"]), "{}", f.name);
+        assert_eq!(
+            t.assistant_mask.as_ref().unwrap(),
+            &mask(&s["assistant_masks"]),
+            "{} assistant mask",
+            f.name
+        );
+        assert_eq!(
+            t.labels(true),
+            labels(&s["labels_with_completion_only_loss_default"]),
+            "{}",
+            f.name
+        );
+        assert_eq!(
+            t.labels(false),
+            labels(&s["labels_with_completion_only_loss_false"]),
+            "{}",
+            f.name
+        );
     }
 }
 
@@ -176,7 +214,9 @@ fn text_rows_follow_trl_text_rules() {
     assert_eq!(c, tok.encode_special("Hi there<|eot_id|>", true).unwrap());
     assert_eq!(r, tok.encode_special("Hi you<|eot_id|>", true).unwrap());
     assert_eq!((c[0], *c.last().unwrap()), (2000, 2009));
-    let prompt = data.prompt_ids(&one_row(&serde_json::json!({"query": "Hi"})), 0).unwrap();
+    let prompt = data
+        .prompt_ids(&one_row(&serde_json::json!({"query": "Hi"})), 0)
+        .unwrap();
     assert_eq!(prompt, tok.encode_special("Hi", true).unwrap());
     let sft = data
         .sft_example(&one_row(&serde_json::json!({"text": "Hello"})), 0, "text", false)

@@ -194,7 +194,10 @@ pub(crate) fn environment(clock: Clock) -> Environment<'static> {
 fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Error> {
     let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
     if args.len() > names.len() {
-        return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
     }
     let mut given: Vec<(&str, Value)> = names.iter().copied().zip(args.iter().cloned()).collect();
     for name in names {
@@ -216,7 +219,10 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<Value, Err
                 } else if let Some(n) = v.as_i64() {
                     Some(" ".repeat(n.max(0) as usize))
                 } else {
-                    return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string"));
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an int or a string",
+                    ));
                 }
             }
             "separators" => {
@@ -264,7 +270,10 @@ mod tests {
         let t = Clock::fixed("2024-07-26T09:05:03").unwrap();
         let Clock::Fixed(t) = t else { unreachable!() };
         assert_eq!(strftime(&t, "%d %b %Y").unwrap(), "26 Jul 2024");
-        assert_eq!(strftime(&t, "%Y-%m-%d %H:%M:%S.%f%Z").unwrap(), "2024-07-26 09:05:03.000000");
+        assert_eq!(
+            strftime(&t, "%Y-%m-%d %H:%M:%S.%f%Z").unwrap(),
+            "2024-07-26 09:05:03.000000"
+        );
         assert_eq!(strftime(&t, "%A %B %j").unwrap(), "Friday July 208");
         assert!(strftime(&t, "%Q").is_err());
         assert_eq!(Clock::fixed("2024-07-26"), Clock::fixed("2024-07-26T00:00:00"));

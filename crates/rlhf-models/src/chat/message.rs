@@ -25,7 +25,10 @@ impl Message {
     /// Checks one JSON value; the error says what is wrong (the caller names the file and row).
     pub fn from_json(v: &Value) -> Result<Self, String> {
         let Value::Object(m) = v else {
-            return Err(format!("a message must be an object with `role` and `content`, found {}", kind(v)));
+            return Err(format!(
+                "a message must be an object with `role` and `content`, found {}",
+                kind(v)
+            ));
         };
         match m.get("role") {
             Some(Value::String(_)) => {}
