@@ -106,9 +106,16 @@ pub enum ModelError {
     /// A chat template is missing, does not parse, or rejected the conversation.
     #[error(transparent)]
     Chat(#[from] crate::chat::ChatError),
-    /// A model id could not be resolved in the Hugging Face cache or downloaded.
+    /// A model id could not be resolved in the Hugging Face cache or downloaded (boxed: its
+    /// paths would make every `Result` of this crate larger).
     #[error(transparent)]
-    Hub(#[from] crate::hub::HubError),
+    Hub(Box<crate::hub::HubError>),
+}
+
+impl From<crate::hub::HubError> for ModelError {
+    fn from(e: crate::hub::HubError) -> Self {
+        Self::Hub(Box::new(e))
+    }
 }
 
 /// Result alias of this crate.

@@ -163,14 +163,12 @@ pub enum HubError {
         reason: String,
     },
     /// `refs/<revision>` names a commit whose snapshot directory is missing.
-    #[error("{id}: {} points at commit {commit}, but {} does not exist (a deleted or partial download)\nhint: {}", ref_file.display(), snapshot.display(), fill_hint(id, revision, cache))]
+    #[error("{id}: refs/{revision} points at commit {commit}, but {} does not exist (a deleted or partial download)\nhint: {}", snapshot.display(), fill_hint(id, revision, cache))]
     MissingSnapshot {
         /// The model id.
         id: String,
-        /// The revision asked for.
+        /// The revision asked for (its `refs/` file names the commit).
         revision: String,
-        /// The ref file read.
-        ref_file: PathBuf,
         /// The commit it names.
         commit: String,
         /// The snapshot directory expected.
@@ -354,7 +352,6 @@ impl CachedRepo<'_> {
             return Err(HubError::MissingSnapshot {
                 id: self.id.into(),
                 revision: self.revision.into(),
-                ref_file,
                 commit,
                 snapshot,
                 cache: self.cache.to_path_buf(),

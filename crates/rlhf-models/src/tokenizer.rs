@@ -404,7 +404,11 @@ impl Tokenizer {
 
     /// The EOS token's text (`tokenizer_config.json`'s, else the text of `eos_token_id`).
     pub fn eos_token(&self) -> Option<String> {
-        self.config.special.eos_token.clone().or_else(|| self.id_to_token(self.eos_token_id))
+        self.config
+            .special
+            .eos_token
+            .clone()
+            .or_else(|| self.id_to_token(self.eos_token_id))
     }
 
     /// The BOS token's text, if the tokenizer has one.

@@ -111,7 +111,7 @@ impl Writer<'_> {
             return Ok(());
         }
         if self.opts.sort_keys {
-            keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+            keys.sort_by_key(|k| k.to_string());
         }
         self.out.push('{');
         for (i, key) in keys.iter().enumerate() {
