@@ -103,6 +103,19 @@ pub enum ModelError {
     /// A packed matrix product was given operands of the wrong size.
     #[error(transparent)]
     Gemm(#[from] rlhf_ops::bf16::GemmError),
+    /// A chat template is missing, does not parse, or rejected the conversation.
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    /// A model id could not be resolved in the Hugging Face cache or downloaded (boxed: its
+    /// paths would make every `Result` of this crate larger).
+    #[error(transparent)]
+    Hub(Box<crate::hub::HubError>),
+}
+
+impl From<crate::hub::HubError> for ModelError {
+    fn from(e: crate::hub::HubError) -> Self {
+        Self::Hub(Box::new(e))
+    }
 }
 
 /// Result alias of this crate.

@@ -6,12 +6,14 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod decode;
 pub mod error;
 pub mod family;
 pub mod generate;
 pub mod heads;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod rope;
@@ -20,12 +22,14 @@ pub mod transformer;
 pub mod weights;
 
 pub use cache::KvCache;
+pub use chat::{ChatTemplate, Message, RenderOptions};
 pub use config::ModelConfig;
 pub use decode::Decoder;
 pub use error::{ModelError, Result};
 pub use family::Family;
 pub use generate::{generate, generate_composed, Generation, GenerationConfig};
 pub use heads::{ScoreHead, ValueHead};
+pub use hub::{resolve_model, HubEnv};
 pub use model::{LoadOptions, Model};
 pub use tokenizer::Tokenizer;
 pub use transformer::{Fwd, Transformer};

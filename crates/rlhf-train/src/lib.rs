@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod assets;
+pub mod chat_data;
 pub mod checkpoint;
 pub mod collate;
 pub mod config;
