@@ -160,70 +160,11 @@ impl RewardArgs {
                 ),
             );
         }
-        let mut out = Vec::with_capacity(self.reward_funcs.len());
-        for f in &self.reward_funcs {
-            out.push(match f.as_str() {
-                "regex_match" => {
-                    let Some(p) = &self.reward_regex else {
-                        return bad("reward_regex", "regex_match needs a pattern, e.g. --reward-regex '\\d+'".into());
-                    };
-                    RewardFunc::RegexMatch(
-                        Regex::new(p).map_err(|e| TrainError::setting("reward_regex", format!("`{p}`: {e}")))?,
-                    )
-                }
-                "length_target" => match self.reward_target_length {
-                    Some(target) if target > 0 => RewardFunc::LengthTarget { target },
-                    _ => {
-                        return bad(
-                            "reward_target_length",
-                            "length_target needs a target of at least 1 token, e.g. --reward-target-length 64".into(),
-                        )
-                    }
-                },
-                "exact_answer" => RewardFunc::ExactAnswer {
-                    column: self.reward_answer_column.clone(),
-                },
-                "distinct_words" => RewardFunc::DistinctWords,
-                "think_format_reward" => RewardFunc::ThinkFormat,
-                "get_soft_overlong_punishment" | "soft_overlong_punishment" => {
-                    if self.soft_punish_cache == 0 || self.soft_punish_cache > max_completion_length {
-                        return bad(
-                            "soft_punish_cache",
-                            format!(
-                                "({}) must be in 1..=max_completion_length ({max_completion_length}): the penalty \
-                                 ramps over the last soft_punish_cache tokens",
-                                self.soft_punish_cache
-                            ),
-                        );
-                    }
-                    RewardFunc::SoftOverlongPunishment {
-                        max_completion_len: max_completion_length,
-                        soft_punish_cache: self.soft_punish_cache,
-                    }
-                }
-                "accuracy_reward" | "reasoning_accuracy_reward" => {
-                    return bad(
-                        "reward_funcs",
-                        format!(
-                            "`{f}` needs Python's math_verify and is not built in\nhint: use `exact_answer` (normalised \
-                             text or number match against the `solution` column), or a reward_command that runs math_verify"
-                        ),
-                    )
-                }
-                other => {
-                    let near = crate::config::closest(other, BUILTIN_REWARDS.into_iter())
-                        .map_or(String::new(), |k| format!("; did you mean `{k}`?"));
-                    return bad(
-                        "reward_funcs",
-                        format!(
-                            "unknown reward function `{other}`{near}\nhint: the built-in ones are {}; run your own with \
-                             reward_command",
-                            BUILTIN_REWARDS.join(", ")
-                        ),
-                    );
-                }
-            });
-        }
+        let out = self
+            .reward_funcs
+            .iter()
+            .map(|f| self.rule(f, max_completion_length))
+            .collect::<Result<Vec<_>>>()?;
         let names = self.names();
         if let Some(dup) = names
             .iter()
@@ -236,6 +177,75 @@ impl RewardArgs {
             );
         }
         Ok(out)
+    }
+
+    /// The rule function `f` of `reward_funcs`, with its parameters checked.
+    fn rule(&self, f: &str, max_completion_length: usize) -> Result<RewardFunc> {
+        let bad = |k: &str, msg: String| Err(TrainError::setting(k, msg));
+        Ok(match f {
+            "regex_match" => {
+                let Some(p) = &self.reward_regex else {
+                    return bad(
+                        "reward_regex",
+                        "regex_match needs a pattern, e.g. --reward-regex '\\d+'".into(),
+                    );
+                };
+                RewardFunc::RegexMatch(
+                    Regex::new(p).map_err(|e| TrainError::setting("reward_regex", format!("`{p}`: {e}")))?,
+                )
+            }
+            "length_target" => match self.reward_target_length {
+                Some(target) if target > 0 => RewardFunc::LengthTarget { target },
+                _ => {
+                    return bad(
+                        "reward_target_length",
+                        "length_target needs a target of at least 1 token, e.g. --reward-target-length 64".into(),
+                    )
+                }
+            },
+            "exact_answer" => RewardFunc::ExactAnswer {
+                column: self.reward_answer_column.clone(),
+            },
+            "distinct_words" => RewardFunc::DistinctWords,
+            "think_format_reward" => RewardFunc::ThinkFormat,
+            "get_soft_overlong_punishment" | "soft_overlong_punishment" => {
+                if self.soft_punish_cache == 0 || self.soft_punish_cache > max_completion_length {
+                    return bad(
+                        "soft_punish_cache",
+                        format!(
+                            "({}) must be in 1..=max_completion_length ({max_completion_length}): the penalty \
+                             ramps over the last soft_punish_cache tokens",
+                            self.soft_punish_cache
+                        ),
+                    );
+                }
+                RewardFunc::SoftOverlongPunishment {
+                    max_completion_len: max_completion_length,
+                    soft_punish_cache: self.soft_punish_cache,
+                }
+            }
+            "accuracy_reward" | "reasoning_accuracy_reward" => {
+                return bad(
+                    "reward_funcs",
+                    format!(
+                        "`{f}` needs Python's math_verify and is not built in\nhint: use `exact_answer` (normalised \
+                         text or number match against the `solution` column), or a reward_command that runs math_verify"
+                    ),
+                )
+            }
+            other => {
+                let near = crate::config::closest(other, BUILTIN_REWARDS.into_iter())
+                    .map_or(String::new(), |k| format!("; did you mean `{k}`?"));
+                return bad(
+                    "reward_funcs",
+                    format!(
+                        "unknown reward function `{other}`{near}\nhint: the built-in ones are {}; run your own with \
+                         reward_command",
+                        BUILTIN_REWARDS.join(", ")
+                    ),
+                );
+            }
+        })
     }
 }
 
