@@ -11,8 +11,8 @@
 //!   `None`: not applicable to that completion).
 //!
 //! The command's stderr is passed on to the log (and its last lines quoted in errors).
-//! It is started once and kept for the run; closing its stdin (end of the run) asks it to
-//! exit. A crash, no answer within the timeout, or an answer that is not such an array is
+//! It is started once, in its own process group, and kept for the run; closing its stdin
+//! (end of the run) asks it to exit, and the group is killed if it has not half a second later. A crash, no answer within the timeout, or an answer that is not such an array is
 //! a [`TrainError::Reward`] that names the command, what happened and what was sent.
 
 use std::collections::VecDeque;
@@ -53,6 +53,8 @@ pub struct RewardCommand {
     requests: Option<Sender<String>>,
     answers: Receiver<Event>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The thread that drains stderr; it finishes when the command's stderr closes.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     /// Why the command can no longer be used (it crashed, hung or was killed).
     failed: Option<String>,
 }
@@ -89,17 +91,20 @@ impl RewardCommand {
     /// for each answer.
     pub fn spawn(command: &str, timeout: Duration) -> Result<Self> {
         let name = command_name(command);
-        let mut child = Command::new("sh")
-            .arg("-c")
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
             .arg(command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| TrainError::Reward {
-                name: name.clone(),
-                msg: format!("cannot start `sh -c {command:?}`: {e}\nhint: reward_command runs under `sh`"),
-            })?;
+            .stderr(Stdio::piped());
+        // Its own process group, so that stopping it also stops what it started
+        // (`sh -c "python r.py"` may leave `python` as a child of the shell).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|e| TrainError::Reward {
+            name: name.clone(),
+            msg: format!("cannot start `sh -c {command:?}`: {e}\nhint: reward_command runs under `sh`"),
+        })?;
         let (tx, answers) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
             let tx = tx.clone();
@@ -136,7 +141,7 @@ impl RewardCommand {
             });
         }
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stderr) = child.stderr.take() {
+        let stderr_reader = child.stderr.take().map(|stderr| {
             let (tail, name) = (stderr_tail.clone(), name.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
@@ -148,8 +153,8 @@ impl RewardCommand {
                     }
                     tail.push_back(line);
                 }
-            });
-        }
+            })
+        });
         Ok(Self {
             requests: Some(requests),
             name,
@@ -158,6 +163,7 @@ impl RewardCommand {
             child,
             answers,
             stderr_tail,
+            stderr_reader,
             failed: None,
         })
     }
@@ -192,41 +198,33 @@ impl RewardCommand {
         } else {
             Ok(Event::WriteFailed("the writer has stopped".into()))
         };
-        let line = match event {
-            Ok(Event::Line(line)) => line,
+        let failure = match event {
+            Ok(Event::Line(line)) => {
+                return parse_answer(&line, n).map_err(|msg| {
+                    self.err(sent(format!(
+                        "malformed answer {}: {msg}\nhint: answer each request with one line holding a JSON array \
+                         of {n} numbers or nulls; write logs to stderr",
+                        preview(&line, 200)
+                    )))
+                })
+            }
             Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => {
                 let exit = self.exit_status(Duration::from_secs(1));
-                return Err(self.err(sent(format!(
-                    "closed its stdout without answering; the command {exit}{}",
-                    self.stderr_note()
-                ))));
+                format!("closed its stdout without answering; the command {exit}")
             }
             Ok(Event::WriteFailed(e)) => {
                 let exit = self.exit_status(Duration::from_secs(1));
-                return Err(self.err(sent(format!(
-                    "cannot send the request ({e}); the command {exit}{}",
-                    self.stderr_note()
-                ))));
+                format!("cannot send the request ({e}); the command {exit}")
             }
-            Ok(Event::ReadFailed(e)) => {
-                return Err(self.err(sent(format!("cannot read the answer: {e}{}", self.stderr_note()))));
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(self.err(sent(format!(
-                    "no answer within {:.1} s{}\nhint: raise reward_command_timeout, or make the command print \
-                     one line per request and flush stdout (Python: print(..., flush=True))",
-                    self.timeout.as_secs_f64(),
-                    self.stderr_note()
-                ))));
-            }
+            Ok(Event::ReadFailed(e)) => format!("cannot read the answer: {e}"),
+            Err(RecvTimeoutError::Timeout) => format!(
+                "no answer within {:.1} s\nhint: raise reward_command_timeout, or make the command print one line \
+                 per request and flush stdout (Python: print(..., flush=True))",
+                self.timeout.as_secs_f64()
+            ),
         };
-        parse_answer(&line, n).map_err(|msg| {
-            self.err(sent(format!(
-                "malformed answer {}: {msg}\nhint: answer each request with one line holding a JSON array of \
-                 {n} numbers or nulls; write logs to stderr",
-                preview(&line, 200)
-            )))
-        })
+        let note = self.stderr_note();
+        Err(self.err(sent(format!("{failure}{note}"))))
     }
 
     fn err(&self, msg: String) -> TrainError {
@@ -236,21 +234,39 @@ impl RewardCommand {
         }
     }
 
-    /// `exited with <status>` once the process is gone (waiting at most `wait`), else
-    /// `is still running`.
-    fn exit_status(&mut self, wait: Duration) -> String {
+    /// Waits at most `wait` for the process to exit: `Ok(Some(status))` once it has,
+    /// `Ok(None)` while it runs.
+    fn wait_exit(&mut self, wait: Duration) -> std::io::Result<Option<std::process::ExitStatus>> {
         let start = Instant::now();
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return format!("exited with {status}"),
-                Ok(None) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
-                Ok(None) => return "is still running".into(),
-                Err(e) => return format!("has an unknown state ({e})"),
+            match self.child.try_wait()? {
+                None if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
+                done => return Ok(done),
             }
         }
     }
 
-    fn stderr_note(&self) -> String {
+    /// `exited with <status>`, `is still running` (after waiting at most `wait`), or why the
+    /// state is unknown; for messages.
+    fn exit_status(&mut self, wait: Duration) -> String {
+        match self.wait_exit(wait) {
+            Ok(Some(status)) => format!("exited with {status}"),
+            Ok(None) => "is still running".into(),
+            Err(e) => format!("has an unknown state ({e})"),
+        }
+    }
+
+    /// The last stderr lines for a message. Once the command has exited, its last lines
+    /// may still be in the pipe: the reader gets a moment to drain them first.
+    fn stderr_note(&mut self) -> String {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            let start = Instant::now();
+            while self.stderr_reader.as_ref().is_some_and(|t| !t.is_finished())
+                && start.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.is_empty() {
             String::new()
@@ -265,11 +281,22 @@ impl RewardCommand {
     /// Closes stdin, gives the command a moment to exit, then kills it.
     fn stop(&mut self) {
         self.requests = None;
-        if self.exit_status(Duration::from_millis(500)) == "is still running" {
-            // The process may have exited between the check and the kill; errors are moot.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if !matches!(self.wait_exit(Duration::from_millis(500)), Ok(None)) {
+            return;
         }
+        // Kill the whole group: the shell may be waiting on processes it started. The
+        // shell is not reaped yet, so its pid (the group's id) cannot have been reused.
+        #[cfg(unix)]
+        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: `kill` only sends a signal, to the group `spawn` created for this
+            // command.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+        // The process may have exited since the check; errors are moot.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
