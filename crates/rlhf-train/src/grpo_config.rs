@@ -6,7 +6,8 @@
 //! - `bf16 = false` (TRL: `None`, which becomes `True`): training runs in f32 on the CPU;
 //!   `bf16 = true` gives bf16 matrix products with f32 weights (`rlhf_ops::precision`).
 //! - No gradient checkpointing (no numerical effect in TRL).
-//! - `max_completion_length` must be a number (TRL also takes `None`).
+//! - `max_completion_length` must be a number (TRL also takes `None`). TRL 1.16 has no
+//!   `max_prompt_length`: prompts are not truncated.
 //! - Not supported (unknown keys): vLLM and continuous batching, `min_p`,
 //!   `repetition_penalty`, `generation_kwargs`, the entropy bonus (`entropy_coef`,
 //!   `use_adaptive_entropy`, ...), `top_entropy_quantile`, `off_policy_mask_threshold`,
