@@ -6,9 +6,8 @@
 //! reward model's tokenizer without special tokens, right-padded, and takes
 //! `logits[:, 0]`. Conversational data is first rendered with the reward tokenizer's chat
 //! template (`{"messages": prompt + completion}`); that rendering is not done here (the
-//! prompts are plain text). The score is read at each sequence's last token
-//! ([`Model::scores_packed`]), which is the transformers reading unless the text ends in
-//! the pad token itself.
+//! prompts are plain text). The score is read where [`Model::scores_packed`] reads it
+//! (the pooling of the reward model's own training and of `rlhf score`).
 
 use std::path::Path;
 
