@@ -27,6 +27,7 @@
 mod csv_file;
 mod files;
 mod parquet_file;
+mod prompts;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,7 @@ use crate::error::{Result, TrainError};
 pub use csv_file::{read_csv, read_tsv};
 pub use files::{DataFiles, VALIDATION_NAMES};
 pub use parquet_file::read_parquet;
+pub use prompts::{prompt_rows, read_prompt_rows, PromptRow, PromptSet, PROMPT_COLUMNS};
 
 /// One data row: column name → text (and numbers, such as `margin`).
 pub type Row = Map<String, Value>;

@@ -48,6 +48,15 @@ pub enum TrainError {
         /// ([`crate::config::KeySources`]).
         origin: Option<String>,
     },
+    /// A reward function failed on a batch (an external command crashed, timed out or
+    /// answered malformed JSON; a rule met data it cannot score).
+    #[error("reward function `{name}`: {msg}")]
+    Reward {
+        /// The function's name, as its metrics are logged (`rewards/<name>/mean`).
+        name: String,
+        /// What went wrong, what was sent and how to fix it.
+        msg: String,
+    },
     /// Training diverged (NaN or infinite loss, reward or gradient).
     #[error("{0}")]
     Diverged(String),

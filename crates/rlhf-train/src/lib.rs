@@ -1,4 +1,5 @@
-//! Training: data loading, optimizers, and the SFT, reward and PPO trainers.
+//! Training: data loading, optimizers, the SFT, reward and PPO trainers, and the configs and
+//! reward functions of the GRPO, RLOO and DPO trainers.
 #![warn(missing_docs)]
 
 pub mod assets;
@@ -6,14 +7,20 @@ pub mod chat_data;
 pub mod checkpoint;
 pub mod collate;
 pub mod config;
+pub mod config_values;
 pub mod data;
+pub mod dpo_config;
 pub mod error;
+pub mod grpo_config;
+pub mod online_config;
 pub mod optim;
 pub mod peft_args;
 pub mod ppo;
 pub mod ppo_config;
 pub mod ppo_run;
 pub mod reward;
+pub mod reward_fns;
+pub mod rloo_config;
 pub mod score;
 pub mod sft;
 pub mod stop;
