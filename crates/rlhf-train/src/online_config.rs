@@ -333,7 +333,7 @@ impl OnlineArgs {
 
 impl OnlinePlan {
     /// The sampling settings of generation; `eos` and `pad` come from the model.
-    pub fn generation_config(&self, eos_token_id: Option<u32>, pad_token_id: u32) -> GenerationConfig {
+    pub fn generation_config(&self, eos_token_id: Vec<u32>, pad_token_id: u32) -> GenerationConfig {
         GenerationConfig {
             max_new_tokens: self.max_completion_length,
             min_new_tokens: 0,

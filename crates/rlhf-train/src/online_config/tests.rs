@@ -222,9 +222,9 @@ fn generation_uses_the_plans_sampling_settings() {
         max_completion_length: 64,
         ..online(8)
     };
-    let g = o.plan(&train(8, 1), 1, "GRPO").unwrap().generation_config(Some(2), 0);
+    let g = o.plan(&train(8, 1), 1, "GRPO").unwrap().generation_config(vec![2], 0);
     assert_eq!((g.max_new_tokens, g.temperature, g.top_k, g.top_p), (64, 0.7, 40, 1.0));
-    assert!(g.do_sample && g.eos_token_id == Some(2) && g.pad_token_id == 0);
+    assert!(g.do_sample && g.eos_token_id == vec![2] && g.pad_token_id == 0);
 }
 
 #[test]

@@ -53,7 +53,7 @@ impl RewardModel {
     /// The score of `prompt + completion` for every completion of the batch.
     pub fn score(&self, batch: &RewardBatch) -> Result<Vec<Option<f64>>> {
         let tok = self.model.tokenizer()?;
-        let n_pos = self.model.cfg().n_positions;
+        let n_pos = self.model.cfg().max_position_embeddings;
         let mut seqs = Vec::with_capacity(batch.len());
         for (i, (p, c)) in batch.prompts.iter().zip(&batch.completions).enumerate() {
             let ids = tok.encode(&format!("{p}{c}"))?;
