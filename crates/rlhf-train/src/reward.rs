@@ -265,10 +265,14 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
-        let micro = lp.next_micro_batches();
+        // With several ranks each takes its part of every micro-batch, and its mean loss is
+        // weighted by that part's share, so the sum over ranks is the micro-batch's mean.
+        let plan = lp.next_step();
+        let micro: Vec<_> = plan.iter().filter(|m| !m.mine().is_empty()).collect();
         let mut samples = 0;
-        for idx in &micro {
-            let batch: Vec<&Pair> = idx.iter().map(|&i| &train_pairs[i]).collect();
+        for m in &micro {
+            let batch: Vec<&Pair> = m.mine().iter().map(|&i| &train_pairs[i]).collect();
+            let share = m.global.len() as f64 / batch.len() as f64;
             let mut rng = lp.dropout_rng();
             let sink = GradSink::new();
             let fwd = if dropout {
@@ -282,7 +286,7 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
                 cfg.center_rewards_coefficient,
                 &mut fwd.with_sink(&sink),
             )?;
-            grads.add(&var_refs, &(&out.loss / ga)?.backward()?)?;
+            grads.add(&var_refs, &(&out.loss / (ga * share))?.backward()?)?;
             grads.add_sink(&var_refs, sink.take())?;
             lp.set_dropout_rng(&rng);
             let m = pair_metrics(out.loss.to_scalar::<f32>()? as f64, &out.chosen, &out.rejected);
