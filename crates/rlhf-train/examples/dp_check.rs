@@ -47,7 +47,11 @@ fn main() {
 fn run(args: &[String]) -> Result<()> {
     let (mode, out) = match args {
         [m, o, ..] => (m.as_str(), PathBuf::from(o)),
-        _ => return Err(TrainError::Config("usage: dp_check MODE OUT_DIR [--key value ...]".into())),
+        _ => {
+            return Err(TrainError::Config(
+                "usage: dp_check MODE OUT_DIR [--key value ...]".into(),
+            ))
+        }
     };
     let flags = config::parse_flags(&args[2..])?;
     let w = dist::world();

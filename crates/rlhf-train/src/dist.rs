@@ -130,7 +130,8 @@ pub fn launch_from(env: impl Fn(&str) -> Option<String>) -> Result<Launch> {
 /// Keep it alive for as long as [`world`] is used, on the thread that called [`start`].
 pub struct Session {
     #[cfg(feature = "mpi")]
-    universe: Option<mpi::environment::Universe>,
+    /// Held for its `Drop`: `MPI_Finalize` when the session ends.
+    _universe: Option<mpi::environment::Universe>,
 }
 
 impl Session {
@@ -139,7 +140,11 @@ impl Session {
     /// that [`Collective::on_main`] shared, at the same point; any other error may be this
     /// rank's alone, and the other ranks would wait for it in their next collective forever.
     pub fn must_abort(&self, e: &TrainError) -> bool {
-        world().size() > 1 && !matches!(e, TrainError::Interrupted { .. } | TrainError::Diverged(_) | TrainError::Dist(_))
+        world().size() > 1
+            && !matches!(
+                e,
+                TrainError::Interrupted { .. } | TrainError::Diverged(_) | TrainError::Dist(_)
+            )
     }
 
     /// Ends every rank of the job now (`MPI_Abort`; the launcher then stops the others).
@@ -172,7 +177,7 @@ impl Session {
     fn single() -> Self {
         Self {
             #[cfg(feature = "mpi")]
-            universe: None,
+            _universe: None,
         }
     }
 }
@@ -184,7 +189,7 @@ fn start_mpi(_launcher: &str, _size: Option<usize>) -> Result<Session> {
         .set(Collective::Mpi(w))
         .map_err(|_| TrainError::Dist("dist::start called twice in one process".into()))?;
     Ok(Session {
-        universe: Some(universe),
+        _universe: Some(universe),
     })
 }
 
@@ -219,7 +224,11 @@ pub fn check_resume_ranks(ckpt: &std::path::Path, saved: Option<usize>) -> Resul
         plural(saved),
         plural(now),
         plural(saved),
-        if saved == 1 { "without mpirun".to_string() } else { format!("mpirun -np {saved} ...") }
+        if saved == 1 {
+            "without mpirun".to_string()
+        } else {
+            format!("mpirun -np {saved} ...")
+        }
     )))
 }
 
@@ -599,14 +608,20 @@ mod tests {
     #[test]
     fn a_build_without_mpi_refuses_to_be_one_of_several_ranks() {
         let err = start_mpi("mpirun (Open MPI)", Some(2)).err().unwrap().to_string();
-        assert!(err.contains("one of 2 ranks") && err.contains("--features mpi"), "{err}");
+        assert!(
+            err.contains("one of 2 ranks") && err.contains("--features mpi"),
+            "{err}"
+        );
         assert!(start_mpi("mpirun (Open MPI)", Some(1)).is_ok());
     }
 
     #[test]
     fn splits_give_full_batches_to_every_rank_and_cover_short_ones() {
         assert_eq!((0..2).map(|r| split(8, r, 2)).collect::<Vec<_>>(), vec![0..4, 4..8]);
-        assert_eq!((0..3).map(|r| split(7, r, 3)).collect::<Vec<_>>(), vec![0..2, 2..4, 4..7]);
+        assert_eq!(
+            (0..3).map(|r| split(7, r, 3)).collect::<Vec<_>>(),
+            vec![0..2, 2..4, 4..7]
+        );
         assert_eq!((0..2).map(|r| split(1, r, 2)).collect::<Vec<_>>(), vec![0..0, 0..1]);
         assert_eq!(split(5, 0, 1), 0..5);
     }
@@ -624,7 +639,10 @@ mod tests {
         assert_eq!(m["loss"], 0.5);
         let base = RngStream { seed: 7, counter: 3 };
         assert_eq!(w.rank_stream(&base), base);
-        assert_eq!(w.all_gather_seqs(&[vec![1, 2], vec![]]).unwrap(), vec![vec![1, 2], vec![]]);
+        assert_eq!(
+            w.all_gather_seqs(&[vec![1, 2], vec![]]).unwrap(),
+            vec![vec![1, 2], vec![]]
+        );
         let stop = StopSignal::new();
         assert_eq!(w.agree_stop(&stop).unwrap(), None);
         stop.request("SIGTERM");

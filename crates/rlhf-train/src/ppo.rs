@@ -298,7 +298,8 @@ impl PpoTrainer {
                     };
                     let mut out = ppo_loss(&inputs, &local_cfg)?;
                     let share = global_tokens / my_tokens;
-                    let scalars = crate::ppo_dist::reduce_minibatch(Some((&mut out, &m)), my_tokens, c.ratio_threshold)?;
+                    let scalars =
+                        crate::ppo_dist::reduce_minibatch(Some((&mut out, &m)), my_tokens, c.ratio_threshold)?;
                     if !crate::ppo_dist::stat(&scalars, "loss/total").is_finite() {
                         return Err(TrainError::Diverged(format!(
                             "PPO step {}: non-finite loss; hint: lower the learning rate or check the reward scale",

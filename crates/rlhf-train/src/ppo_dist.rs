@@ -70,8 +70,9 @@ pub fn gather_rows(t: &Tensor) -> Result<Tensor> {
 }
 
 /// The statistics of a minibatch split over ranks: each rank's masked means weighted by its
-/// response tokens (`tokens`), so means are the whole minibatch's (variances are pooled over
-/// the parts, not recomputed). `out`: this rank's loss and its mask (`None` when it has no
+/// response tokens (`tokens`), so means are the whole minibatch's; the two variances
+/// (`returns/var`, `val/var`, unbiased) are recombined from the parts' means and variances
+/// (Chan et al.'s parallel formula). `out`: this rank's loss and its mask (`None` when it has no
 /// rows); when the minibatch's mean ratio exceeds `ratio_threshold`, its losses are zeroed
 /// on every rank (TRL's skip, decided for the whole minibatch).
 pub fn reduce_minibatch(out: Option<(&mut PpoLoss, &Tensor)>, tokens: f64, ratio_threshold: f64) -> Result<Scalars> {
@@ -80,8 +81,10 @@ pub fn reduce_minibatch(out: Option<(&mut PpoLoss, &Tensor)>, tokens: f64, ratio
         let (out, _) = out.ok_or_else(|| TrainError::Config("internal: an empty PPO minibatch".into()))?;
         return Ok(out.stats.scalars());
     }
-    // [Σ ratio, tokens, Σ stat_k · tokens ...]
-    let mut buf = vec![0.0; 2 + NAMES.len()];
+    // Variances and the means they are around: (variance, mean) positions in NAMES.
+    const VARS: [(usize, usize); 2] = [(9, 8), (14, 13)];
+    // [Σ ratio, tokens, Σ stat_k · tokens ..., Σ tokens · E[x²] per variance]
+    let mut buf = vec![0.0; 2 + NAMES.len() + VARS.len()];
     if let Some((out, mask)) = &out {
         let ratio = masked_mean(&out.stats.policy_ratio, mask, None)?
             .to_dtype(DType::F64)?
@@ -92,6 +95,12 @@ pub fn reduce_minibatch(out: Option<(&mut PpoLoss, &Tensor)>, tokens: f64, ratio
             debug_assert_eq!(*name, NAMES[k]);
             buf[2 + k] = v * tokens;
         }
+        let s = out.stats.scalars();
+        for (j, &(var, mean)) in VARS.iter().enumerate() {
+            // Unbiased → biased variance, plus the squared mean: E[x²] of this part.
+            let biased = s[var].1 * (tokens - 1.0) / tokens.max(1.0);
+            buf[2 + NAMES.len() + j] = tokens * (biased + s[mean].1 * s[mean].1);
+        }
     }
     dist.all_reduce_f64(&mut buf, ReduceOp::Sum)?;
     let n = buf[1].max(f64::MIN_POSITIVE);
@@ -100,6 +109,11 @@ pub fn reduce_minibatch(out: Option<(&mut PpoLoss, &Tensor)>, tokens: f64, ratio
     for (k, name) in NAMES.iter().enumerate() {
         let zeroed = exceeded && name.starts_with("loss/");
         s[k] = (name, if zeroed { 0.0 } else { buf[2 + k] / n });
+    }
+    for (j, &(var, mean)) in VARS.iter().enumerate() {
+        let m = buf[2 + mean] / n;
+        let biased = buf[2 + NAMES.len() + j] / n - m * m;
+        s[var].1 = biased * n / (n - 1.0).max(f64::MIN_POSITIVE);
     }
     if let (Some((out, _)), true) = (out, exceeded) {
         out.pg_loss = out.pg_loss.affine(0.0, 0.0)?;

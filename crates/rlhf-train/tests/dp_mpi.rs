@@ -55,7 +55,16 @@ fn dp_check() -> Option<PathBuf> {
         let target = exe.ancestors().nth(3).expect("target directory").to_path_buf();
         let out = Command::new(env!("CARGO"))
             .current_dir(workspace())
-            .args(["build", "--release", "-p", "rlhf-train", "--features", "mpi", "--example", "dp_check"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "rlhf-train",
+                "--features",
+                "mpi",
+                "--example",
+                "dp_check",
+            ])
             .arg("--target-dir")
             .arg(&target)
             .output()
@@ -99,7 +108,9 @@ fn launch(bin: &Path, ranks: usize, mode: &str, out: &Path, flags: &[String]) ->
 }
 
 fn run(bin: &Path, ranks: usize, mode: &str, out: &Path, flags: &[String]) -> Output {
-    let o = launch(bin, ranks, mode, out, flags).output().expect("launching dp_check");
+    let o = launch(bin, ranks, mode, out, flags)
+        .output()
+        .expect("launching dp_check");
     assert!(
         o.status.success(),
         "{mode} on {ranks} rank(s) failed:\n{}",
@@ -113,12 +124,22 @@ fn flags(pairs: &[(&str, String)]) -> Vec<String> {
 }
 
 fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    tensors(path, false)
+}
+
+/// The f32 tensors of a safetensors file, flattened (`only_1d`: vectors only, the tensors
+/// whose layout a checkpoint keeps as it is).
+fn tensors(path: &Path, only_1d: bool) -> BTreeMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
+        .filter(|(_, v)| !only_1d || v.shape().len() == 1)
         .map(|(n, v)| {
-            let x = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            let x = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
             (n, x.collect())
         })
         .collect()
@@ -128,49 +149,75 @@ fn digest(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("digest.json")).unwrap()).unwrap()
 }
 
-/// Relative distance of two parameter sets, tensor by tensor: `‖a − b‖ / ‖b‖`, largest
-/// over tensors, and the largest relative update `‖b − init‖ / ‖init‖` (to show that the
-/// comparison is not vacuous).
+/// Relative distance of two parameter sets, tensor by tensor: `‖a − b‖ / ‖b‖`, the largest
+/// over the tensors they share (all of them for two runs of one model).
 fn compare(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f64 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     let mut worst: f64 = 0.0;
     for (name, x) in a {
-        let y = &b[name];
-        let diff: f64 = x.iter().zip(y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum::<f64>().sqrt();
+        let Some(y) = b.get(name) else { continue };
+        let diff: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
         worst = worst.max(diff / norm);
     }
     worst
 }
 
-/// Two ranks at per-rank batch `b` against one at `2b` (the `batch_key` flag), same
+/// Two ranks at per-rank batch sizes `batches` (flag, size) against one at twice each, same
 /// everything else: weights within 1e-5 relative, ranks identical, and a real update.
-fn two_ranks_equal_one(mode: &str, batch_key: &str, b: usize, common: &[(&str, String)], init: Option<&Path>) {
+fn two_ranks_equal_one(mode: &str, batches: &[(&str, usize)], common: &[(&str, String)]) {
+    let init = &workspace().join("fixtures/tiny-gpt2/model.safetensors");
     let Some(bin) = dp_check() else { return };
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut digests = Vec::new();
-    for (ranks, batch) in [(1, 2 * b), (2, b)] {
+    for ranks in [1, 2] {
         let out = dir.path().join(format!("ranks-{ranks}"));
         let mut f: Vec<(&str, String)> = common.to_vec();
-        f.push((batch_key, batch.to_string()));
+        f.extend(batches.iter().map(|&(k, b)| (k, (b * 2 / ranks).to_string())));
         f.push(("output_dir", out.join("run").display().to_string()));
         run(&bin, ranks, mode, &out, &flags(&f));
         digests.push((weights(&out.join("weights.safetensors")), digest(&out)));
     }
     let (one, two) = (&digests[0], &digests[1]);
     assert_eq!(two.1["ranks"], 2);
-    assert_eq!(two.1["spread"].as_f64().unwrap(), 0.0, "{mode}: the two ranks hold different weights");
+    assert_eq!(
+        two.1["spread"].as_f64().unwrap(),
+        0.0,
+        "{mode}: the two ranks hold different weights"
+    );
+    assert_eq!(one.0.keys().collect::<Vec<_>>(), two.0.keys().collect::<Vec<_>>());
     let rel = compare(&two.0, &one.0);
-    assert!(rel <= 1e-5, "{mode}: 2 ranks × {b} vs 1 × {}: relative difference {rel:e}", 2 * b);
-    if let Some(init) = init {
-        let moved = compare(&one.0, &weights(init));
-        assert!(moved >= 1e3 * 1e-5 || moved > 100.0 * rel.max(1e-7), "{mode}: the update ({moved:e}) is too small to compare");
-        eprintln!("{mode}: relative difference {rel:e}, update {moved:e}");
-    }
+    assert!(
+        rel <= 1e-5,
+        "{mode}: 2 ranks vs 1 at twice the batch ({batches:?}): relative difference {rel:e}"
+    );
+    // Not vacuous: training moved the weights far more than the ranks differ (on the
+    // vectors, which the fixture stores as they are trained).
+    let moved = compare(&tensors(init, true), &one.0);
+    let rel_vectors = compare(
+        &two.0,
+        &one.0
+            .iter()
+            .filter(|(k, _)| tensors(init, true).contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    assert!(
+        moved >= 1e3 * rel_vectors.max(1e-9),
+        "{mode}: the update ({moved:e}) is too small against the difference ({rel_vectors:e})"
+    );
+    eprintln!("{mode}: 2 ranks vs 1: relative difference {rel:e}; largest relative update {moved:e}");
     for key in ["objective/kl", "ppo/loss/total", "objective/kl_coef", "ppo/mean_scores"] {
         if let (Some(x), Some(y)) = (one.1["stats"][key].as_f64(), two.1["stats"][key].as_f64()) {
-            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{mode}: {key} {x} (1 rank) vs {y} (2 ranks)");
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                "{mode}: {key} {x} (1 rank) vs {y} (2 ranks)"
+            );
         }
     }
 }
@@ -208,7 +255,7 @@ fn reward_on_two_ranks_equals_one_rank_at_twice_the_batch() {
         prefs(dir.path(), 13),
         &[("gradient_accumulation_steps", "2"), ("max_grad_norm", "0.05")],
     );
-    two_ranks_equal_one("reward", "per_device_train_batch_size", 2, &common, None);
+    two_ranks_equal_one("reward", &[("per_device_train_batch_size", 2)], &common);
 }
 
 #[test]
@@ -230,7 +277,7 @@ fn sft_on_two_ranks_equals_one_rank_at_twice_the_batch() {
         p.display().to_string(),
         &[("gradient_accumulation_steps", "2"), ("max_grad_norm", "0.5")],
     );
-    two_ranks_equal_one("sft", "per_device_train_batch_size", 2, &common, None);
+    two_ranks_equal_one("sft", &[("per_device_train_batch_size", 2)], &common);
 }
 
 #[test]
@@ -239,11 +286,10 @@ fn ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     // threshold all see the global batch; minibatches of 2 per rank, accumulation 2.
     let common = vec![
         ("model_name_or_path", fixture("fixtures/tiny-gpt2")),
-        ("mini_batch_size", "2".to_string()),
         ("gradient_accumulation_steps", "2".to_string()),
         ("steps", "2".to_string()),
     ];
-    two_ranks_equal_one("ppo-fixed", "batch_size", 4, &common, None);
+    two_ranks_equal_one("ppo-fixed", &[("batch_size", 4), ("mini_batch_size", 2)], &common);
 }
 
 #[test]
@@ -285,7 +331,10 @@ fn a_rank_killed_mid_run_leaves_a_loadable_checkpoint_and_resuming_finishes_the_
     assert!(killed.success());
     let status = job.wait().unwrap();
     assert!(!status.success(), "the job survived the loss of a rank");
-    assert!(!cut.join("run/final").exists(), "the run finished before the kill; lengthen it");
+    assert!(
+        !cut.join("run/final").exists(),
+        "the run finished before the kill; lengthen it"
+    );
 
     // Every complete checkpoint loads; the latest is what resuming continues.
     let ckpts: Vec<PathBuf> = std::fs::read_dir(cut.join("run"))
@@ -306,9 +355,14 @@ fn a_rank_killed_mid_run_leaves_a_loadable_checkpoint_and_resuming_finishes_the_
     // A different number of ranks is refused, naming the right one.
     let mut alone = flags(&common(&cut));
     alone.extend(["--resume-from-checkpoint".to_string(), "latest".to_string()]);
-    let o = launch(&bin, 1, "reward", &dir.path().join("alone"), &alone).output().unwrap();
+    let o = launch(&bin, 1, "reward", &dir.path().join("alone"), &alone)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("2 ranks") && err.contains("mpirun -np 2"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("2 ranks") && err.contains("mpirun -np 2"),
+        "{err}"
+    );
 
     // Resuming on two ranks ends where the uninterrupted run ended, and leaves no temporary
     // directory behind.

@@ -115,6 +115,10 @@ impl MpiWorld {
                 "all-gather of {total} bytes: more than one MPI call can carry ({MAX_COUNT})"
             )));
         }
+        if total == 0 {
+            // Every rank knows it: nothing to move (and MPI refuses empty receive buffers).
+            return Ok(vec![Vec::new(); self.size]);
+        }
         let displs: Vec<i32> = counts
             .iter()
             .scan(0i32, |at, &n| {
