@@ -149,20 +149,18 @@ fn digest(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("digest.json")).unwrap()).unwrap()
 }
 
-/// Relative distance of two parameter sets, tensor by tensor: `‖a − b‖ / ‖b‖`, the largest
-/// over the tensors they share (all of them for two runs of one model).
+/// The largest element-wise difference of two parameter sets relative to the weight,
+/// `max |a − b| / (1 + |b|)` over the tensors they share (all of them for two runs of one
+/// model). The `1 +` keeps weights near zero (which Adam moves by `lr` whatever the size of
+/// their gradient, rounding noise included) from dominating.
 fn compare(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f64 {
     let mut worst: f64 = 0.0;
     for (name, x) in a {
         let Some(y) = b.get(name) else { continue };
-        let diff: f64 = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        worst = worst.max(diff / norm);
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max((*p as f64 - *q as f64).abs() / (1.0 + (*q as f64).abs()));
+        }
     }
     worst
 }
@@ -196,24 +194,17 @@ fn two_ranks_equal_one(mode: &str, batches: &[(&str, usize)], common: &[(&str, S
         rel <= 1e-5,
         "{mode}: 2 ranks vs 1 at twice the batch ({batches:?}): relative difference {rel:e}"
     );
-    // Not vacuous: training moved the weights far more than the ranks differ (on the
-    // vectors, which the fixture stores as they are trained).
+    // Not vacuous: training moved the weights far more than the tolerance and than the
+    // ranks differ (measured on the vectors, which the fixture stores as they are trained).
     let moved = compare(&tensors(init, true), &one.0);
-    let rel_vectors = compare(
-        &two.0,
-        &one.0
-            .iter()
-            .filter(|(k, _)| tensors(init, true).contains_key(*k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    );
     assert!(
-        moved >= 1e3 * rel_vectors.max(1e-9),
-        "{mode}: the update ({moved:e}) is too small against the difference ({rel_vectors:e})"
+        moved >= 100.0 * 1e-5 && moved >= 100.0 * rel,
+        "{mode}: the update ({moved:e}) is too small against the tolerance and the difference ({rel:e})"
     );
-    eprintln!("{mode}: 2 ranks vs 1: relative difference {rel:e}; largest relative update {moved:e}");
-    for key in ["objective/kl", "ppo/loss/total", "objective/kl_coef", "ppo/mean_scores"] {
-        if let (Some(x), Some(y)) = (one.1["stats"][key].as_f64(), two.1["stats"][key].as_f64()) {
+    eprintln!("{mode}: 2 ranks vs 1: largest difference {rel:e}; largest update {moved:e}");
+    // PPO: every statistic of the last step is global too.
+    for (key, x) in one.1["stats"].as_object().into_iter().flatten() {
+        if let (Some(x), Some(y)) = (x.as_f64(), two.1["stats"][key].as_f64()) {
             assert!(
                 (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
                 "{mode}: {key} {x} (1 rank) vs {y} (2 ranks)"
@@ -297,12 +288,12 @@ fn a_rank_killed_mid_run_leaves_a_loadable_checkpoint_and_resuming_finishes_the_
     let Some(bin) = dp_check() else { return };
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
-    let data = prefs(dir.path(), 64);
+    let data = prefs(dir.path(), 40);
     let common = |out: &Path| {
         let mut f = train_common(data.clone(), &[]);
         f.retain(|(k, _)| *k != "save_strategy" && *k != "max_steps");
         f.extend([
-            ("max_steps", "40".to_string()),
+            ("max_steps", "12".to_string()),
             ("save_strategy", "steps".to_string()),
             ("save_steps", "2".to_string()),
             ("save_total_limit", "2".to_string()),
@@ -319,8 +310,8 @@ fn a_rank_killed_mid_run_leaves_a_loadable_checkpoint_and_resuming_finishes_the_
     let cut = dir.path().join("cut");
     let mut job = launch(&bin, 2, "reward", &cut, &flags(&common(&cut))).spawn().unwrap();
     let t = Instant::now();
-    while !cut.join("run/checkpoint-6").exists() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint-6 after 120 s");
+    while !cut.join("run/checkpoint-4").exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint-4 after 120 s");
         if let Some(st) = job.try_wait().unwrap() {
             panic!("the run ended ({st}) before it could be killed");
         }
