@@ -293,6 +293,7 @@ impl Collective {
     }
 
     /// Sums `buf` element-wise over ranks, in place.
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     pub fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<()> {
         match self {
             Self::Single => Ok(()),
@@ -303,6 +304,7 @@ impl Collective {
 
     /// Reduces `buf` element-wise over ranks with `op`, in place (f64: sums of counts stay
     /// exact).
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     pub fn all_reduce_f64(&self, buf: &mut [f64], op: ReduceOp) -> Result<()> {
         match (self, op) {
             (Self::Single, _) => Ok(()),
@@ -312,6 +314,7 @@ impl Collective {
     }
 
     /// Replaces `buf` on every rank by rank 0's (lengths must agree).
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     pub fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()> {
         match self {
             Self::Single => Ok(()),

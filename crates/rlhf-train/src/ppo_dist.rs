@@ -36,13 +36,16 @@ pub fn stat(s: &Scalars, name: &str) -> f64 {
     s.iter().find(|(k, _)| *k == name).map_or(f64::NAN, |&(_, v)| v)
 }
 
+/// Queries, responses and scores of a PPO batch.
+pub type Batch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<f32>);
+
 /// Every rank's queries, responses and scores in rank order (`None` on one process): the
 /// global batch of a PPO step, as one process holding all of it would see it.
 pub fn gather_batch(
     queries: &[Vec<u32>],
     responses: &[Vec<u32>],
     scores: &[f32],
-) -> Result<Option<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<f32>)>> {
+) -> Result<Option<Batch>> {
     let dist = world();
     if dist.size() == 1 {
         return Ok(None);
