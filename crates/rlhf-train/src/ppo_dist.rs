@@ -41,11 +41,7 @@ pub type Batch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<f32>);
 
 /// Every rank's queries, responses and scores in rank order (`None` on one process): the
 /// global batch of a PPO step, as one process holding all of it would see it.
-pub fn gather_batch(
-    queries: &[Vec<u32>],
-    responses: &[Vec<u32>],
-    scores: &[f32],
-) -> Result<Option<Batch>> {
+pub fn gather_batch(queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32]) -> Result<Option<Batch>> {
     let dist = world();
     if dist.size() == 1 {
         return Ok(None);
