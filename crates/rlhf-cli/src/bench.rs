@@ -112,9 +112,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Adapt::LoraInt8,
             a.steps.unwrap_or(3),
         ),
-        Workload::RewardTiny => reward("reward-tiny", ModelConfig::gpt2_tiny(), 3, a.steps.unwrap_or(20)),
-        Workload::RewardSmall => reward("reward-small", ModelConfig::gpt2_small(), 2, a.steps.unwrap_or(5)),
+        Workload::RewardTiny => ranked(|| reward("reward-tiny", ModelConfig::gpt2_tiny(), 3, a.steps.unwrap_or(20))),
+        Workload::RewardSmall => ranked(|| reward("reward-small", ModelConfig::gpt2_small(), 2, a.steps.unwrap_or(5))),
     }
+}
+
+/// Runs a workload as this process's rank of the MPI job it was launched in (alone when it
+/// was not): the reward workloads then split their 8 pairs across ranks and sum gradients
+/// (`docs/scaling.md`, benchmark). An error on one rank ends the job.
+fn ranked(run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let session = rlhf_train::dist::start()?;
+    let out = run();
+    if let Err(e) = &out {
+        if rlhf_train::dist::world().size() > 1 {
+            eprintln!("error on rank {}: {e:#}", rlhf_train::dist::world().rank());
+            session.abort(1);
+        }
+    }
+    out
 }
 
 /// Median, min and max of step times.
@@ -273,29 +288,42 @@ fn reward(name: &str, cfg: ModelConfig, warmup: usize, steps: usize) -> anyhow::
     let params = rlhf_train::trainer::trainable_params(&model);
     let mut opt = AdamW::new(params, AdamConfig::default());
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
-    let mut rng = RngStream::new(0);
+    let dist = rlhf_train::dist::world();
+    let mut rng = dist.rank_stream(&RngStream::new(0));
+    let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+    let mine = rlhf_train::dist::split(8, dist.rank(), dist.size());
     let mut step = 0usize;
     let mut tokens = 0usize;
+    let before = rlhf_train::dist::grad_traffic();
     let times = time_steps(warmup, steps, || {
-        let batch: Vec<&Pair> = (0..8).map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
+        // With several ranks each takes its part of the 8 pairs (loss weighted by its share).
+        let batch: Vec<&Pair> = mine.clone().map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
         step += 1;
         tokens = batch.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
         let sink = rlhf_ops::sink::GradSink::new();
         let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut rng).with_sink(&sink))?;
         let mut grads = Grads::new(vars.len());
         let var_refs: Vec<_> = vars.iter().collect();
-        grads.add(&var_refs, &out.loss.backward()?)?;
+        grads.add(&var_refs, &(&out.loss / (8.0 / batch.len() as f64))?.backward()?)?;
         grads.add_sink(&var_refs, sink.take())?;
+        dist.all_reduce_grads(&mut grads, &sizes)?;
         grads.clip(1.0);
         opt.step(&grads, 5e-4)?;
         Ok(())
     })?;
+    let traffic = rlhf_train::dist::grad_traffic();
+    let calls = (traffic.calls - before.calls).max(1) as f64;
     let (median, min, max) = stats(times);
+    if !dist.is_main() {
+        return Ok(());
+    }
     println!(
         "{}",
         json!({"workload": name, "seconds_per_step": median, "min": min, "max": max,
             "throughput": 8.0 / median, "unit": "pairs/s", "peak_rss_mib": peak_rss_mib(),
-            "threads": threads(), "dtype": dtype_name(), "tokens_last_step": tokens})
+            "threads": threads(), "dtype": dtype_name(), "tokens_last_step": tokens, "ranks": dist.size(),
+            "allreduce_seconds_per_step": (traffic.seconds - before.seconds) / calls,
+            "allreduce_bytes_per_step": (traffic.bytes - before.bytes) as f64 / calls})
     );
     Ok(())
 }

@@ -123,16 +123,23 @@ fn main() -> std::process::ExitCode {
         Command::Quickstart(a) => quickstart::run(a),
     };
     let result = on_the_pool(run);
+    // With several ranks, rank 0 reports what every rank met (a rank's own error was
+    // printed by that rank before it ended the job: `train::as_rank`).
+    let reports = rlhf_train::dist::world().is_main();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // A run stopped by Ctrl-C / SIGTERM saved its checkpoint: not an error, but the
             // shell's status for the signal.
             if let Some(rlhf_train::TrainError::Interrupted { reason, .. }) = e.downcast_ref() {
-                eprintln!("{}", error_text(&e));
+                if reports {
+                    eprintln!("{}", error_text(&e));
+                }
                 return std::process::ExitCode::from(stop::exit_code(reason));
             }
-            eprintln!("error: {}", error_text(&e));
+            if reports {
+                eprintln!("error: {}", error_text(&e));
+            }
             std::process::ExitCode::FAILURE
         }
     }

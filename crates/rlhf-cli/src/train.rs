@@ -1,5 +1,7 @@
 //! `rlhf sft`, `rlhf reward` and `rlhf ppo`: a TOML config and/or `--key value` flags with
 //! TRL's names; Ctrl-C stops a run after its current step with a checkpoint ([`crate::stop`]).
+//! Under `mpirun` / `srun` (a build with the `mpi` feature) the run is one rank of a
+//! data-parallel job ([`rlhf_train::dist`], `docs/scaling.md`).
 
 use std::path::PathBuf;
 
@@ -32,11 +34,34 @@ fn values(a: &Args) -> anyhow::Result<(serde_json::Map<String, serde_json::Value
     Ok((merged, source, sources))
 }
 
+/// Runs `train` as this process's rank of the job it was launched in (alone when it was
+/// not). An error that may be this rank's alone ends the whole job, after printing it, so
+/// that no rank waits forever for this one.
+pub fn as_rank<T>(train: impl FnOnce() -> rlhf_train::Result<T>) -> rlhf_train::Result<T> {
+    let session = rlhf_train::dist::start()?;
+    let out = train();
+    if let Err(e) = &out {
+        if session.must_abort(e) {
+            eprintln!("error on rank {}: {e}", rlhf_train::dist::world().rank());
+            session.abort(1);
+        }
+    }
+    out
+}
+
+/// Whether this process prints results (rank 0, or the only process).
+fn prints() -> bool {
+    rlhf_train::dist::world().is_main()
+}
+
 pub fn reward(a: Args) -> anyhow::Result<()> {
     let (v, source, sources) = values(&a)?;
     let cfg: rlhf_train::reward::RewardConfig = resolve(&v, &source)?;
     let stop = crate::stop::install()?;
-    let out = rlhf_train::reward::train_until(&cfg, &stop).map_err(|e| sources.name(e))?;
+    let out = as_rank(|| rlhf_train::reward::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    if !prints() {
+        return Ok(());
+    }
     println!("reward model saved to {}", out.final_dir.display());
     if let Some(m) = out.eval {
         println!("eval accuracy {:.4}  eval loss {:.4}", m["accuracy"], m["loss"]);
@@ -48,7 +73,10 @@ pub fn sft(a: Args) -> anyhow::Result<()> {
     let (v, source, sources) = values(&a)?;
     let cfg: rlhf_train::sft::SftConfig = resolve(&v, &source)?;
     let stop = crate::stop::install()?;
-    let out = rlhf_train::sft::train_until(&cfg, &stop).map_err(|e| sources.name(e))?;
+    let out = as_rank(|| rlhf_train::sft::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    if !prints() {
+        return Ok(());
+    }
     println!("model saved to {}", out.final_dir.display());
     if let Some(m) = out.eval {
         println!("eval loss {:.4}", m["loss"]);
@@ -60,7 +88,10 @@ pub fn ppo(a: Args) -> anyhow::Result<()> {
     let (v, source, sources) = values(&a)?;
     let cfg: rlhf_train::ppo_run::PpoRunConfig = resolve(&v, &source)?;
     let stop = crate::stop::install()?;
-    let out = rlhf_train::ppo_run::train_until(&cfg, &stop).map_err(|e| sources.name(e))?;
+    let out = as_rank(|| rlhf_train::ppo_run::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    if !prints() {
+        return Ok(());
+    }
     println!("policy saved to {}", out.final_dir.display());
     if let (Some(first), Some(last)) = (out.reward_means.first(), out.reward_means.last()) {
         println!("mean reward: first step {first:.4}, last step {last:.4}");

@@ -31,8 +31,18 @@ pub struct RunDir {
 
 impl RunDir {
     /// Creates (or reopens) `root`. A directory that already holds a run is refused unless
-    /// `overwrite` (its checkpoints and metrics are then removed) or `resuming`.
+    /// `overwrite` (its checkpoints and metrics are then removed) or `resuming`. Temporary
+    /// directories of a run killed while saving are removed. With several ranks, rank 0 does
+    /// this and every rank gets its outcome ([`crate::dist::Collective::on_main`]).
     pub fn prepare(root: &Path, overwrite: bool, resuming: bool) -> Result<Self> {
+        crate::dist::world().on_main(|| Self::prepare_here(root, overwrite, resuming))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            tensorboard: None,
+        })
+    }
+
+    fn prepare_here(root: &Path, overwrite: bool, resuming: bool) -> Result<()> {
         let holds_run = root.join("metrics.jsonl").exists() || root.join("config.toml").exists();
         if holds_run && !resuming {
             if !overwrite {
@@ -55,20 +65,31 @@ impl RunDir {
             }
         }
         std::fs::create_dir_all(root).map_err(io(root))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-            tensorboard: None,
+        // Left by a run killed while it saved: never a checkpoint (the name), and no longer useful.
+        for entry in std::fs::read_dir(root).map_err(io(root))? {
+            let p = entry.map_err(io(root))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if p.is_dir() && name.ends_with(".tmp") && (name.starts_with(".checkpoint-") || name == ".final.tmp") {
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the resolved config and reports it as text to TensorBoard (rank 0).
+    pub fn write_config(&self, toml: &str) -> Result<()> {
+        crate::dist::world().on_main(|| {
+            write_atomic(&self.root.join("config.toml"), toml.as_bytes())?;
+            self.report_config(toml)
         })
     }
 
-    /// Writes the resolved config (and reports it as text to TensorBoard).
-    pub fn write_config(&self, toml: &str) -> Result<()> {
-        write_atomic(&self.root.join("config.toml"), toml.as_bytes())?;
-        self.report_config(toml)
-    }
-
-    /// Appends one metrics object to `metrics.jsonl` (and reports it to TensorBoard).
+    /// Appends one metrics object to `metrics.jsonl` and reports it to TensorBoard (rank 0;
+    /// other ranks write nothing).
     pub fn log(&self, obj: &Value) -> Result<()> {
+        if !crate::dist::world().is_main() {
+            return Ok(());
+        }
         let path = self.root.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -80,8 +101,12 @@ impl RunDir {
     }
 
     /// Drops metrics lines (and TensorBoard events) logged after `step` (used when resuming
-    /// from a checkpoint).
+    /// from a checkpoint; rank 0).
     pub fn truncate_metrics_after(&self, step: u64) -> Result<()> {
+        crate::dist::world().on_main(|| self.truncate_metrics_here(step))
+    }
+
+    fn truncate_metrics_here(&self, step: u64) -> Result<()> {
         let path = self.root.join("metrics.jsonl");
         let Ok(text) = std::fs::read_to_string(&path) else {
             return self.report_truncate(step, &path);
@@ -156,7 +181,8 @@ impl RunDir {
 
     /// Writes `checkpoint-<step>/` atomically: `write` fills a temporary directory, which is
     /// then renamed into place; afterwards only the newest `limit` checkpoints are kept.
-    /// If anything fails, earlier checkpoints are untouched.
+    /// If anything fails, earlier checkpoints are untouched. With several ranks, rank 0
+    /// writes and every rank returns once the checkpoint is complete.
     pub fn save_checkpoint(
         &self,
         step: u64,
@@ -164,20 +190,23 @@ impl RunDir {
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let dst = self.root.join(format!("checkpoint-{step}"));
-        write_dir_atomic(&self.root.join(format!(".checkpoint-{step}.tmp")), &dst, write)?;
-        if let Some(limit) = limit.filter(|&l| l > 0) {
-            let all = self.checkpoints();
-            for (_, p) in all.iter().take(all.len().saturating_sub(limit)) {
-                std::fs::remove_dir_all(p).map_err(io(p))?;
+        crate::dist::world().on_main(|| {
+            write_dir_atomic(&self.root.join(format!(".checkpoint-{step}.tmp")), &dst, write)?;
+            if let Some(limit) = limit.filter(|&l| l > 0) {
+                let all = self.checkpoints();
+                for (_, p) in all.iter().take(all.len().saturating_sub(limit)) {
+                    std::fs::remove_dir_all(p).map_err(io(p))?;
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(dst)
     }
 
-    /// Writes `final/` atomically (a temporary directory renamed into place).
+    /// Writes `final/` atomically (a temporary directory renamed into place; rank 0).
     pub fn save_final(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let dir = self.root.join("final");
-        write_dir_atomic(&self.root.join(".final.tmp"), &dir, write)?;
+        crate::dist::world().on_main(|| write_dir_atomic(&self.root.join(".final.tmp"), &dir, write))?;
         Ok(dir)
     }
 }

@@ -70,6 +70,10 @@ pub enum TrainError {
         /// The step, the checkpoint and how to resume.
         msg: String,
     },
+    /// Data-parallel set-up or a collective failed, or another rank reported an error
+    /// ([`crate::dist`]).
+    #[error("{0}")]
+    Dist(String),
     /// A model error.
     #[error(transparent)]
     Model(#[from] rlhf_models::ModelError),

@@ -6,6 +6,13 @@
 //! 4. GAE, 5. PPO epochs over shuffled minibatches (clipped policy and value losses, Adam),
 //! 6. statistics under TRL's names and the KL-controller update. The math lives in
 //! `rlhf_ops::ppo`; this file orders it.
+//!
+//! With several ranks ([`crate::dist`]) each rank passes its own `batch_size` rollouts (TRL's
+//! per-device meaning); `step` gathers them into the global batch (rank order), so score
+//! scaling, KL rewards, GAE, whitening, the statistics and the KL controller see all of it, as
+//! one process with the whole batch would (TRL whitens per process: a deliberate deviation,
+//! `docs/scaling.md`). The no-grad forward passes and the PPO minibatches are split across
+//! ranks (see [`crate::ppo_dist`]).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -99,6 +106,7 @@ impl PpoTrainer {
         if params.is_empty() {
             return Err(TrainError::Config("the policy has no trainable parameters".into()));
         }
+        crate::dist::world().broadcast_vars(&params.iter().map(|(_, v)| v).collect::<Vec<_>>())?;
         let kl_ctl = if config.adap_kl_ctrl {
             KlController::adaptive(config.init_kl_coef, config.target, config.horizon)
         } else {
@@ -155,12 +163,19 @@ impl PpoTrainer {
         Ok(out)
     }
 
-    /// One PPO optimisation step on a batch of `batch_size` (query, response, score).
+    /// One PPO optimisation step on a batch of `batch_size` (query, response, score); with
+    /// several ranks, this rank's part of the global batch (module docs).
     pub fn step(&mut self, queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32]) -> Result<Stats> {
         let t_total = Instant::now();
-        let bs = self.config.batch_size;
-        check_batch(queries, responses, scores, bs)?;
+        check_batch(queries, responses, scores, self.config.batch_size)?;
         let device = self.model.device().clone();
+        let dist = crate::dist::world();
+        let global = crate::ppo_dist::gather_batch(queries, responses, scores)?;
+        let (queries, responses, scores) = match &global {
+            Some((q, r, s)) => (q.as_slice(), r.as_slice(), s.as_slice()),
+            None => (queries, responses, scores),
+        };
+        let bs = queries.len();
 
         // 1. score scaling and clipping
         let mut scores: Vec<f32> = scores.to_vec();
@@ -226,15 +241,29 @@ impl PpoTrainer {
         );
         let vars: Vec<_> = self.opt.vars().into_iter().cloned().collect();
         let var_refs: Vec<_> = vars.iter().collect();
+        let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+        // Global minibatch statistics (equal to each minibatch's own on one process).
+        let mut mb_scalars: Vec<[(&'static str, f64); 15]> = Vec::new();
+        let (ranks, mbs_global) = (dist.size(), mbs * dist.size());
+        let row_tokens: Vec<f32> = roll.masks.sum(1)?.to_vec1()?;
         for _ in 0..epochs {
             let perm = permutation(bs, self.shuffle.next_u64());
-            for backward in perm.chunks(mbs * ga) {
+            for backward in perm.chunks(mbs_global * ga) {
                 let mut grads = Grads::new(vars.len());
-                for mb in backward.chunks(mbs) {
+                for mb_global in backward.chunks(mbs_global) {
+                    // This rank's part of the minibatch; its loss is weighted by its share of
+                    // the minibatch's response tokens, so the sum over ranks is the mean.
+                    let mb = &mb_global[crate::dist::split(mb_global.len(), dist.rank(), ranks)];
+                    let count = |rows: &[usize]| rows.iter().map(|&i| row_tokens[i] as f64).sum::<f64>();
+                    let (global_tokens, my_tokens) = (count(mb_global), count(mb));
+                    if mb.is_empty() {
+                        mb_scalars.push(crate::ppo_dist::reduce_minibatch(None, 0.0, c.ratio_threshold)?);
+                        continue;
+                    }
                     let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
                     let sel = |x: &Tensor| x.index_select(&idx, 0);
                     let (ids, mask) = (sel(&roll.ids)?, sel(&roll.mask)?);
-                    let mut rng = self.dropout.clone();
+                    let mut rng = dist.rank_stream(&self.dropout);
                     let sink = GradSink::new();
                     let mut fwd = Fwd::train(&mut rng).with_sink(&sink);
                     let hidden = self.model.forward(&ids, &mask, &mut fwd)?;
@@ -245,7 +274,7 @@ impl PpoTrainer {
                         .as_ref()
                         .ok_or_else(|| TrainError::Config("policy lost its value head".into()))?;
                     let vpreds = vhead.forward(&hidden, &mut fwd)?.narrow(1, 0, tt - 1)?;
-                    self.dropout = rng;
+                    self.dropout.counter = rng.counter;
                     let (old_lp, m) = (sel(&logprobs)?, sel(&roll.masks)?);
                     let (new_lp, entropy) = response_logprobs(&self.model, &hidden, &ids, &m, &old_lp, &sink)?;
                     let (old_v, a, r) = (sel(&adv.values)?, sel(&adv.advantages)?, sel(&adv.returns)?);
@@ -259,25 +288,42 @@ impl PpoTrainer {
                         advantages: &a,
                         returns: &r,
                     };
-                    let out = ppo_loss(&inputs, &loss_cfg)?;
-                    if !out.stats.loss_total.is_finite() {
+                    // Across ranks the ratio threshold applies to the whole minibatch's mean
+                    // ratio, which `reduce_minibatch` decides.
+                    let local_cfg = PpoLossConfig {
+                        ratio_threshold: if ranks > 1 { f64::INFINITY } else { c.ratio_threshold },
+                        ..loss_cfg
+                    };
+                    let mut out = ppo_loss(&inputs, &local_cfg)?;
+                    let share = global_tokens / my_tokens;
+                    let scalars =
+                        crate::ppo_dist::reduce_minibatch(Some((&mut out, &m)), my_tokens, c.ratio_threshold)?;
+                    if !crate::ppo_dist::stat(&scalars, "loss/total").is_finite() {
                         return Err(TrainError::Diverged(format!(
                             "PPO step {}: non-finite loss; hint: lower the learning rate or check the reward scale",
                             self.current_step + 1
                         )));
                     }
-                    let loss = ((out.pg_loss + out.vf_loss)? / ga as f64)?;
+                    let loss = ((out.pg_loss + out.vf_loss)? / (ga as f64 * share))?;
                     grads.add(&var_refs, &loss.backward()?)?;
                     grads.add_sink(&var_refs, sink.take())?;
                     mb_stats.push(out.stats);
+                    mb_scalars.push(scalars);
                 }
+                dist.all_reduce_grads(&mut grads, &sizes)?;
                 grads.clip(max_norm);
                 self.opt.step(&grads, lr)?;
             }
-            if early_stopping && mb_stats.last().is_some_and(|s| s.policy_policykl > 1.5 * target_kl) {
+            if early_stopping
+                && mb_scalars
+                    .last()
+                    .is_some_and(|s| crate::ppo_dist::stat(s, "policy/policykl") > 1.5 * target_kl)
+            {
                 break;
             }
         }
+        let dropout_used = self.dropout.clone();
+        dist.agree_stream(&mut self.dropout, &dropout_used)?;
         let time_opt = t.elapsed().as_secs_f64();
 
         // 6. statistics (TRL's `record_step_stats`) and the KL controller update
@@ -303,9 +349,9 @@ impl PpoTrainer {
             stats.scalars.insert(format!("tokens/{name}_len_std"), s);
             stats.tensors.insert(format!("tokens/{name}_dist"), l);
         }
-        let n = mb_stats.len().max(1) as f64;
-        for s in &mb_stats {
-            for (k, v) in s.scalars() {
+        let n = mb_scalars.len().max(1) as f64;
+        for s in &mb_scalars {
+            for &(k, v) in s {
                 *stats.scalars.entry(format!("ppo/{k}")).or_default() += v / n;
             }
         }
@@ -370,6 +416,7 @@ impl PpoTrainer {
     /// TRL's `batched_forward_pass`: log-probs of the next tokens `(B, T-1)`, values
     /// `(B, T-1)` (policy only) and, for `kl_penalty = "full"`, full log-softmax, in chunks
     /// of `mini_batch_size`, eval mode, no gradients.
+    /// With several ranks each computes its own rows and the results are gathered.
     fn forward_no_grad(
         &self,
         model: &Model,
@@ -379,8 +426,10 @@ impl PpoTrainer {
         adapters: bool,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = roll.ids.dims2()?;
+        let dist = crate::dist::world();
+        let rows = crate::dist::split(b, dist.rank(), dist.size());
         let (mut lps, mut vals, mut fulls) = (Vec::new(), Vec::new(), Vec::new());
-        let mut start = 0;
+        let (mut start, b) = (rows.start, rows.end);
         while start < b {
             let n = self.config.mini_batch_size.min(b - start);
             let (ids, mask) = (roll.ids.narrow(0, start, n)?, roll.mask.narrow(0, start, n)?);
@@ -409,7 +458,7 @@ impl PpoTrainer {
             if v.is_empty() {
                 Ok(None)
             } else {
-                Ok(Some(Tensor::cat(&v, 0)?))
+                Ok(Some(crate::ppo_dist::gather_rows(&Tensor::cat(&v, 0)?)?))
             }
         };
         let lp = cat(lps)?.ok_or_else(|| TrainError::Config("empty batch".into()))?;

@@ -1,5 +1,9 @@
 //! `rlhf ppo`: the full TRL-style loop over a prompt set — generate, score with a reward
 //! model, `step()`, `log_stats` — with periodic atomic checkpoints and exact resume.
+//!
+//! With several ranks ([`crate::dist`]) a step's prompts are `batch_size` per rank: each
+//! rank generates and scores its own, [`PpoTrainer::step`] makes the batch global, and rank 0
+//! logs and saves.
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +108,9 @@ impl Default for PpoRunConfig {
 struct RunState {
     ppo: PpoState,
     generation: (u64, u64),
+    /// Ranks of the run (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world_size: Option<usize>,
 }
 
 /// What a PPO run produced.
@@ -183,12 +190,13 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
             prompts.push((t, ids));
         }
     }
-    let bs = cfg.ppo.batch_size;
+    let dist = crate::dist::world();
+    let bs = cfg.ppo.batch_size * dist.size();
     if prompts.len() < bs {
         return Err(TrainError::Data {
             path: PathBuf::from(&cfg.train_file),
             msg: format!(
-                "{} usable prompt{}, fewer than batch_size ({bs}); a prompt is usable when it is not empty and \
+                "{} usable prompt{}, fewer than batch_size × ranks ({bs}); a prompt is usable when it is not empty and \
                  leaves room for {max_new} new tokens within n_positions ({n_pos})\n\
                  hint: add prompts, lower batch_size, or lower max_new_tokens / output_max_length",
                 prompts.len(),
@@ -215,6 +223,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         })?;
         let st: RunState =
             serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
+        crate::dist::check_resume_ranks(ckpt, st.world_size)?;
         trainer.restore(&st.ppo, &load_tensors(&ckpt.join("optimizer.safetensors"))?)?;
         gen_rng = RngStream {
             seed: st.generation.0,
@@ -224,16 +233,17 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
     }
     let total = cfg.ppo.total_ppo_steps();
     let per_epoch = (prompts.len() / bs) as u64;
-    let progress = if cfg.quiet {
+    let progress = if cfg.quiet || !dist.is_main() {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(total)
     };
     progress.set_position(trainer.current_step);
     let say = |msg: String| {
-        if cfg.quiet {
+        if cfg.quiet && dist.is_main() {
             eprintln!("{msg}")
         } else {
+            // Hidden on ranks other than 0.
             progress.println(msg)
         }
     };
@@ -247,17 +257,22 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
     let mut reward_means = Vec::new();
     let mut last_ckpt: Option<PathBuf> = resume.clone();
     while trainer.current_step < total {
-        if stop.requested().is_some() {
-            progress.finish_and_clear();
-        }
         let save = || save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit);
-        crate::stop::stop_if_requested(stop, &run, trainer.current_step, total, save)?;
+        crate::stop::stop_if_requested(stop, &run, trainer.current_step, total, save)
+            .inspect_err(|_| progress.finish_and_clear())?;
         let s = trainer.current_step;
         let perm = permutation(prompts.len(), cfg.ppo.seed.wrapping_add(s / per_epoch));
         let start = (s % per_epoch) as usize * bs;
-        let batch: Vec<&(String, Vec<u32>)> = perm[start..start + bs].iter().map(|&i| &prompts[i]).collect();
+        // This rank's part of the step's prompts, generated from its own stream.
+        let mine = crate::dist::split(bs, dist.rank(), dist.size());
+        let batch: Vec<&(String, Vec<u32>)> = perm[start + mine.start..start + mine.end]
+            .iter()
+            .map(|&i| &prompts[i])
+            .collect();
         let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-        let responses = trainer.generate(&queries, &gen, sampler, bs, &mut gen_rng)?;
+        let mut rng = dist.rank_stream(&gen_rng);
+        let responses = trainer.generate(&queries, &gen, sampler, cfg.ppo.batch_size, &mut rng)?;
+        dist.agree_stream(&mut gen_rng, &rng)?;
         let texts: Vec<String> = responses
             .iter()
             .map(|r| tok.decode(r, true))
@@ -270,14 +285,14 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
             )),
             other => other,
         })?;
-        let record = log_stats(&mut stats, &scores, trainer.current_step);
+        let record = log_stats(&mut stats, &dist.all_gather_f32(&scores)?, trainer.current_step);
         run.log(&record)?;
         run.log_histograms(trainer.current_step, &stats.tensors)?;
         let mean = stats.scalars["env/reward_mean"];
         reward_means.push(mean);
         progress.set_position(trainer.current_step);
         progress.set_message(format!("reward {mean:.3}  kl {:.3}", stats.scalars["objective/kl"]));
-        if cfg.quiet {
+        if cfg.quiet && dist.is_main() {
             eprintln!("{record}");
         }
         if cfg.log_samples > 0 && trainer.current_step % cfg.log_samples == 0 {
@@ -319,9 +334,11 @@ fn length_sampler(cfg: &PpoRunConfig) -> Result<Option<(usize, usize)>> {
 /// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments, the trainer's
 /// state and the position of the generation stream.
 fn save_checkpoint(run: &RunDir, trainer: &PpoTrainer, gen_rng: &RngStream, limit: Option<usize>) -> Result<PathBuf> {
+    let ranks = crate::dist::world().size();
     let state = RunState {
         ppo: trainer.state(),
         generation: (gen_rng.seed, gen_rng.counter),
+        world_size: (ranks > 1).then_some(ranks),
     };
     let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     let opt = trainer.optimizer_state()?;

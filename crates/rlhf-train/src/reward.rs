@@ -267,29 +267,37 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
-        let micro = lp.next_micro_batches();
+        // With several ranks each takes its part of every micro-batch, and its mean loss is
+        // weighted by that part's share, so the sum over ranks is the micro-batch's mean.
+        let plan = lp.next_step();
         let mut samples = 0;
-        for idx in &micro {
-            let batch: Vec<&Pair> = idx.iter().map(|&i| &train_pairs[i]).collect();
-            let mut rng = lp.dropout_rng();
-            let sink = GradSink::new();
-            let fwd = if dropout {
-                Fwd::train(&mut rng)
-            } else {
-                Fwd::eval_grad()
-            };
-            let out = pair_loss(
-                &model,
-                &batch,
-                cfg.center_rewards_coefficient,
-                &mut fwd.with_sink(&sink),
-            )?;
-            grads.add(&var_refs, &(&out.loss / ga)?.backward()?)?;
-            grads.add_sink(&var_refs, sink.take())?;
-            lp.set_dropout_rng(&rng);
-            let m = pair_metrics(out.loss.to_scalar::<f32>()? as f64, &out.chosen, &out.rejected);
-            for (k, v) in m {
-                *metrics.entry(k).or_default() += v / micro.len() as f64;
+        for m in &plan {
+            let batch: Vec<&Pair> = m.mine().iter().map(|&i| &train_pairs[i]).collect();
+            let mut mb_metrics = BTreeMap::new();
+            if !batch.is_empty() {
+                let share = m.global.len() as f64 / batch.len() as f64;
+                let mut rng = lp.dropout_rng();
+                let sink = GradSink::new();
+                let fwd = if dropout {
+                    Fwd::train(&mut rng)
+                } else {
+                    Fwd::eval_grad()
+                };
+                let out = pair_loss(
+                    &model,
+                    &batch,
+                    cfg.center_rewards_coefficient,
+                    &mut fwd.with_sink(&sink),
+                )?;
+                grads.add(&var_refs, &(&out.loss / (ga * share))?.backward()?)?;
+                grads.add_sink(&var_refs, sink.take())?;
+                lp.set_dropout_rng(&rng);
+                mb_metrics = pair_metrics(out.loss.to_scalar::<f32>()? as f64, &out.chosen, &out.rejected);
+            }
+            // The whole micro-batch's metrics, as one process computes them.
+            crate::dist::world().reduce_metrics(&mut mb_metrics, batch.len() as f64)?;
+            for (k, v) in mb_metrics {
+                *metrics.entry(k).or_default() += v / plan.len() as f64;
             }
             samples += batch.len();
         }

@@ -244,15 +244,17 @@ pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
         let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());
-        let micro = lp.next_micro_batches();
-        let step_tokens: usize = micro
+        // The label tokens of the whole step, every rank's: each rank's summed loss over
+        // them adds up to the step's mean.
+        let plan = lp.next_step();
+        let step_tokens: usize = plan
             .iter()
-            .flatten()
+            .flat_map(|m| &m.global)
             .map(|&i| train_ex[i].labels.iter().skip(1).filter(|&&l| l == 1).count())
             .sum();
         let (mut nll, mut correct, mut samples) = (0.0, 0usize, 0usize);
-        for idx in &micro {
-            let batch: Vec<&Example> = idx.iter().map(|&i| &train_ex[i]).collect();
+        for m in plan.iter().filter(|m| !m.mine().is_empty()) {
+            let batch: Vec<&Example> = m.mine().iter().map(|&i| &train_ex[i]).collect();
             let mut rng = lp.dropout_rng();
             let mut fwd = if dropout {
                 Fwd::train(&mut rng)
@@ -266,10 +268,13 @@ pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
             correct += out.correct;
             samples += batch.len();
         }
+        let mut sums = [nll, correct as f64];
+        crate::dist::world().all_reduce_f64(&mut sums, crate::dist::ReduceOp::Sum)?;
+        let (nll, correct) = (sums[0], sums[1]);
         let n = step_tokens.max(1) as f64;
         let metrics = BTreeMap::from([
             ("loss".to_string(), nll / n),
-            ("mean_token_accuracy".to_string(), correct as f64 / n),
+            ("mean_token_accuracy".to_string(), correct / n),
             ("num_tokens".to_string(), step_tokens as f64),
         ]);
         let report = lp.apply(grads, &metrics, samples)?;

@@ -53,7 +53,7 @@ pub fn interrupted(reason: &str, step: u64, total: u64, checkpoint: Option<&Path
     }
 }
 
-/// When a stop was requested: the checkpoint of `step` in `run` (reused when one is already
+/// When a stop was requested (on any rank, [`crate::dist::Collective::agree_stop`]): the checkpoint of `step` in `run` (reused when one is already
 /// complete there, e.g. the step's regular checkpoint or the one resumed from, else written by
 /// `save`), and the [`TrainError::Interrupted`] naming it; `Ok(())` otherwise. Nothing is
 /// saved before the first step.
@@ -64,15 +64,18 @@ pub fn stop_if_requested(
     total: u64,
     save: impl FnOnce() -> crate::Result<PathBuf>,
 ) -> crate::Result<()> {
-    let Some(reason) = stop.requested() else {
+    // Every rank stops after the same step, whichever rank the request reached.
+    let dist = crate::dist::world();
+    let Some(reason) = dist.agree_stop(stop)? else {
         return Ok(());
     };
-    let checkpoint = match (step, run.complete_checkpoint(step)) {
+    let complete = run.complete_checkpoint(step);
+    let checkpoint = match (step, dist.main_says(complete.is_some())?) {
         (0, _) => None,
-        (_, Some(dir)) => Some(dir),
-        (_, None) => Some(save()?),
+        (_, true) => Some(complete.unwrap_or_else(|| run.root.join(format!("checkpoint-{step}")))),
+        (_, false) => Some(save()?),
     };
-    Err(interrupted(reason, step, total, checkpoint.as_deref()))
+    Err(interrupted(&reason, step, total, checkpoint.as_deref()))
 }
 
 #[cfg(test)]

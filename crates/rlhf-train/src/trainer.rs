@@ -194,6 +194,9 @@ pub struct TrainerState {
     pub accum_steps: u64,
     /// Examples seen since the last log.
     pub accum_samples: u64,
+    /// Ranks of the run that wrote the state (absent: 1); resuming needs the same number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 /// The shared training loop state: plan, optimizer, schedule, logging and checkpoints.
@@ -219,10 +222,14 @@ pub struct TrainLoop {
 }
 
 impl TrainLoop {
-    /// Plans the run over `n_train` examples and builds the optimizer over `params`.
+    /// Plans the run over `n_train` examples and builds the optimizer over `params`. With
+    /// several ranks ([`crate::dist`]) a micro-batch holds `per_device_train_batch_size`
+    /// examples per rank, and rank 0's values of `params` are given to every rank.
     pub fn new(args: TrainingArgs, run: RunDir, params: Vec<(String, Var)>, n_train: usize) -> Result<Self> {
         args.validate()?;
-        let batches = n_train.div_ceil(args.per_device_train_batch_size) as u64;
+        let dist = crate::dist::world();
+        dist.broadcast_vars(&params.iter().map(|(_, v)| v).collect::<Vec<_>>())?;
+        let batches = n_train.div_ceil(args.per_device_train_batch_size * dist.size()) as u64;
         let ga = args.gradient_accumulation_steps as u64;
         let steps_per_epoch = batches.div_ceil(ga).max(1);
         let total_steps = if args.max_steps > 0 {
@@ -242,7 +249,7 @@ impl TrainLoop {
             weight_decay: args.weight_decay,
         };
         let opt = AdamW::new(params, cfg);
-        let progress = if args.quiet {
+        let progress = if args.quiet || !dist.is_main() {
             indicatif::ProgressBar::hidden()
         } else {
             let pb = indicatif::ProgressBar::new(total_steps);
@@ -260,6 +267,7 @@ impl TrainLoop {
             accum: BTreeMap::new(),
             accum_steps: 0,
             accum_samples: 0,
+            world_size: None,
         };
         Ok(Self {
             args,
@@ -292,28 +300,46 @@ impl TrainLoop {
         }
     }
 
-    /// The micro-batches (example indices) of the next optimizer step: epoch `e` visits a
-    /// permutation seeded by `seed + e`; the last step of an epoch may have fewer.
-    pub fn next_micro_batches(&self) -> Vec<Vec<usize>> {
+    /// The micro-batches of the next optimizer step over all ranks: epoch `e` visits a
+    /// permutation seeded by `seed + e` in micro-batches of `per_device_train_batch_size ×
+    /// ranks` examples, each split into contiguous parts, one per rank
+    /// ([`crate::dist::split`]); the last step of an epoch may have fewer.
+    pub fn next_step(&self) -> Vec<MicroBatch> {
+        let dist = crate::dist::world();
         let s = self.state.global_step;
         let epoch = s / self.steps_per_epoch;
-        let bs = self.args.per_device_train_batch_size;
+        let bs = self.args.per_device_train_batch_size * dist.size();
         let ga = self.args.gradient_accumulation_steps as u64;
         let perm = permutation(self.n_train, self.args.seed.wrapping_add(epoch));
         let first = (s % self.steps_per_epoch) * ga;
         (first..first + ga)
             .map(|b| b as usize * bs)
             .filter(|&start| start < self.n_train)
-            .map(|start| perm[start..(start + bs).min(self.n_train)].to_vec())
+            .map(|start| {
+                let global = perm[start..(start + bs).min(self.n_train)].to_vec();
+                let mine = crate::dist::split(global.len(), dist.rank(), dist.size());
+                MicroBatch { global, mine }
+            })
             .collect()
     }
 
-    /// The dropout stream of the next micro-batch forward pass (`None` when dropout is off).
+    /// This rank's examples of each micro-batch of the next optimizer step
+    /// ([`TrainLoop::next_step`]; on one process, the whole micro-batches), empty ones left out.
+    pub fn next_micro_batches(&self) -> Vec<Vec<usize>> {
+        self.next_step()
+            .iter()
+            .map(|m| m.mine().to_vec())
+            .filter(|m| !m.is_empty())
+            .collect()
+    }
+
+    /// The dropout stream of the next micro-batch forward pass (`None` when dropout is off);
+    /// with several ranks, this rank's own stream ([`crate::dist::Collective::rank_stream`]).
     pub fn dropout_rng(&self) -> RngStream {
-        RngStream {
+        crate::dist::world().rank_stream(&RngStream {
             seed: self.state.dropout_seed,
             counter: self.state.dropout_counter,
-        }
+        })
     }
 
     /// Records where the dropout stream stopped after a forward pass.
@@ -321,10 +347,31 @@ impl TrainLoop {
         self.state.dropout_counter = rng.counter;
     }
 
-    /// Applies one optimizer step: NaN guard, clipping, update, schedule, metric
-    /// accumulation; logs every `logging_steps` and says whether to evaluate or save.
+    /// Applies one optimizer step: sums gradients over ranks, NaN guard, clipping, update,
+    /// schedule, metric accumulation; logs every `logging_steps` and says whether to
+    /// evaluate or save. With several ranks, `metrics` and `samples` are this rank's:
+    /// metrics become means weighted by `samples` over ranks (`min_*` / `max_*`: the extremes;
+    /// [`crate::dist::Collective::reduce_metrics`]).
     pub fn apply(&mut self, mut grads: Grads, metrics: &BTreeMap<String, f64>, samples: usize) -> Result<StepReport> {
         let step = self.state.global_step + 1;
+        let dist = crate::dist::world();
+        let sizes: Vec<usize> = self.opt.vars().iter().map(|v| v.elem_count()).collect();
+        dist.all_reduce_grads(&mut grads, &sizes)?;
+        let mut metrics = metrics.clone();
+        dist.reduce_metrics(&mut metrics, samples as f64)?;
+        let samples = if dist.size() > 1 {
+            let mut sum = [samples as f64];
+            dist.all_reduce_f64(&mut sum, crate::dist::ReduceOp::Sum)?;
+            // Every rank goes on from the furthest dropout position any rank reached, so the
+            // state a checkpoint saves is every rank's.
+            let mut counter = [self.state.dropout_counter as f64];
+            dist.all_reduce_f64(&mut counter, crate::dist::ReduceOp::Max)?;
+            self.state.dropout_counter = counter[0] as u64;
+            sum[0] as usize
+        } else {
+            samples
+        };
+        let metrics = &metrics;
         if metrics.values().any(|v| !v.is_finite()) || grads.non_finite() {
             let bad: Vec<String> = metrics
                 .iter()
@@ -378,7 +425,7 @@ impl TrainLoop {
             self.last_log = Instant::now();
             let obj = Value::Object(obj);
             self.progress.set_message(progress_message(&obj));
-            if self.args.quiet {
+            if self.args.quiet && dist.is_main() {
                 eprintln!("{obj}");
             }
             self.run.log(&obj)?;
@@ -418,9 +465,12 @@ impl TrainLoop {
         Ok(obj)
     }
 
-    /// Saves `checkpoint-<step>/`: the model, optimizer moments and loop state.
+    /// Saves `checkpoint-<step>/`: the model, optimizer moments and loop state (rank 0
+    /// writes, every rank returns once it is complete).
     pub fn save_checkpoint(&mut self, model: &Model) -> Result<PathBuf> {
         let step = self.state.global_step;
+        let ranks = crate::dist::world().size();
+        self.state.world_size = (ranks > 1).then_some(ranks);
         let state = serde_json::to_vec_pretty(&self.state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         let opt = self.opt.state()?;
         let dir = self.run.save_checkpoint(step, self.args.save_total_limit, |tmp| {
@@ -436,12 +486,12 @@ impl TrainLoop {
     /// last completed step (unless it is there already) and returns
     /// [`TrainError::Interrupted`] naming it. Call between optimizer steps only.
     pub fn stop_if_requested(&mut self, model: &Model, stop: &StopSignal) -> Result<()> {
-        if stop.requested().is_none() {
-            return Ok(());
-        }
-        self.progress.finish_and_clear();
         let (run, step, total) = (self.run.clone(), self.state.global_step, self.total_steps);
-        crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint(model))
+        let out = crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint(model));
+        if out.is_err() {
+            self.progress.finish_and_clear();
+        }
+        out
     }
 
     /// Restores optimizer and loop state from a checkpoint (the model's weights must already
@@ -454,6 +504,7 @@ impl TrainLoop {
         })?;
         self.state =
             serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
+        crate::dist::check_resume_ranks(ckpt, self.state.world_size)?;
         self.opt
             .load_state(&load_tensors(&ckpt.join("optimizer.safetensors"))?)?;
         self.run.truncate_metrics_after(self.state.global_step)?;
@@ -468,13 +519,32 @@ impl TrainLoop {
         self.run.save_final(|tmp| crate::peft_args::save_trained(model, tmp))
     }
 
-    /// Prints a line above the progress bar.
+    /// Prints a line above the progress bar (rank 0 only).
     pub fn println(&self, msg: impl AsRef<str>) {
+        if !crate::dist::world().is_main() {
+            return;
+        }
         if self.args.quiet {
             eprintln!("{}", msg.as_ref());
         } else {
             self.progress.println(msg.as_ref());
         }
+    }
+}
+
+/// One micro-batch of an optimizer step: its examples over all ranks and this rank's part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MicroBatch {
+    /// Example indices of the whole micro-batch (every rank's), in order.
+    pub global: Vec<usize>,
+    /// This rank's part of `global`.
+    pub mine: std::ops::Range<usize>,
+}
+
+impl MicroBatch {
+    /// This rank's example indices.
+    pub fn mine(&self) -> &[usize] {
+        &self.global[self.mine.clone()]
     }
 }
 

@@ -16,7 +16,8 @@ impl RunDir {
     /// the default; a resumed run continues the newest `<output_dir>/runs/*` that holds
     /// event files). See [`EventWriter::open`] for `resuming` and `overwrite`.
     pub fn with_reporting(mut self, report: &ReportArgs, resuming: bool, overwrite: bool) -> Result<Self> {
-        if !report.report_to.has_tensorboard() {
+        // With several ranks only rank 0 writes the run directory, event files included.
+        if !report.report_to.has_tensorboard() || !crate::dist::world().is_main() {
             return Ok(self);
         }
         let dir = match &report.logging_dir {
