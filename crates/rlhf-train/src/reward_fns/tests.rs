@@ -271,7 +271,7 @@ fn a_crashing_command_is_named_with_its_exit_status_stderr_and_the_request() {
         "command `sh ",
         "exit status: 3",
         "cannot score: boom",
-        "request sent: {\"completion_ids\":",
+        "request sent: {\"prompts\":",
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
