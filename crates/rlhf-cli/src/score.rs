@@ -10,13 +10,10 @@ use rlhf_train::score::{pair_accuracy, score_rows, Scored};
 /// Arguments of `rlhf score`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Reward-model directory (GPT2ForSequenceClassification layout, e.g. `rlhf reward` output).
-    #[arg(long)]
-    model: PathBuf,
-    /// PEFT LoRA adapter directory to apply to the model (it may supply the score head via
-    /// `modules_to_save`).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    /// The reward model (`*ForSequenceClassification`, e.g. `rlhf reward` output) and an
+    /// optional adapter (it may supply the score head via `modules_to_save`).
+    #[command(flatten)]
+    model: crate::merge::ModelArgs,
     /// JSONL, CSV or Parquet rows: `text`, or `prompt` + `response`, or `prompt`/`chosen`/`rejected`.
     #[arg(long)]
     data: PathBuf,
@@ -29,13 +26,15 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = crate::merge::load_model(&a.model, a.adapter.as_deref(), &LoadOptions::default())
+    let model = a
+        .model
+        .load(&LoadOptions::default())
         .context("loading the reward model")?;
     if model.score_head.is_none() {
         anyhow::bail!(
             "{}: no score head (`score.weight`) in model.safetensors\n\
              hint: `rlhf score` needs a reward model (GPT2ForSequenceClassification), such as the output of `rlhf reward`",
-            a.model.display()
+            a.model.model
         );
     }
     let rows = read_data(&a.data)?;

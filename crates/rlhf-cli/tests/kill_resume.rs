@@ -496,7 +496,7 @@ fn an_io_error_names_its_cause_once() {
         ),
         (
             &["--model-name-or-path", "/nonexistent/model", "--train-file", "x.jsonl"],
-            "model directory not found",
+            "no such directory",
         ),
     ];
     for (i, (extra, cause)) in cases.into_iter().enumerate() {

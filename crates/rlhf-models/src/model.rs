@@ -11,6 +11,7 @@ use rlhf_ops::rng::RngStream;
 use rlhf_peft::{LoraConfig, Param};
 
 use crate::cache::KvCache;
+use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 use crate::family::Family;
@@ -37,6 +38,9 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Device.
     pub device: Device,
+    /// The Hub revision (branch, tag or commit) when the model is named by id
+    /// (`main` when `None`); ignored for a directory.
+    pub revision: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            revision: None,
         }
     }
 }
@@ -58,6 +63,9 @@ pub struct Model {
     pub score_head: Option<ScoreHead>,
     /// The tokenizer, when the directory has `tokenizer.json`.
     pub tokenizer: Option<Tokenizer>,
+    /// The chat template(s) of the directory (`chat_template.jinja`, else
+    /// `tokenizer_config.json`'s `chat_template`), when it has one.
+    pub chat_template: Option<ChatTemplate>,
     /// The LoRA adapter applied to this model ([`crate::lora::apply_lora`] or
     /// [`crate::lora::load_adapter`]), if any.
     pub lora: Option<LoraConfig>,
@@ -74,13 +82,12 @@ impl Model {
     /// `model.safetensors` (or a sharded index), `generation_config.json` and
     /// `tokenizer.json` when present; `v_head.summary.*` and `score.weight` when present.
     /// All weights start frozen.
+    ///
+    /// `dir` may also be a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B`), looked up in the Hub
+    /// cache at `opts.revision` and downloaded when online ([`crate::hub::resolve_model`]).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(ModelError::Io {
-                path: dir.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
-            });
-        }
+        let resolved = resolve_dir(dir, opts.revision.as_deref())?;
+        let dir = resolved.as_path();
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut w = Weights::from_dir(dir, opts.dtype, &opts.device)?;
         w.strip_prefix(&format!("{}.", cfg.family.names().prefix));
@@ -117,7 +124,8 @@ impl Model {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() {
             let cfg = &backbone.cfg;
-            let tok = Tokenizer::from_file(&tok_path, cfg.first_eos(), cfg.pad_token_id)?;
+            let stop_ids = eos_ids_of(generation.as_ref()).unwrap_or_else(|| cfg.eos_token_id.clone());
+            let tok = Tokenizer::from_dir(dir, &stop_ids, cfg.pad_token_id)?;
             if tok.vocab_size() > cfg.vocab_size {
                 return Err(ModelError::Config {
                     path: dir.join("config.json"),
@@ -135,6 +143,7 @@ impl Model {
         } else {
             None
         };
+        let chat_template = ChatTemplate::load(dir)?;
         let mut side_files = Vec::new();
         for name in TOKENIZER_SIDE_FILES {
             let p = dir.join(name);
@@ -147,6 +156,7 @@ impl Model {
             value_head,
             score_head,
             tokenizer,
+            chat_template,
             lora: None,
             quantization: None,
             generation,
@@ -164,6 +174,7 @@ impl Model {
             value_head: None,
             score_head: None,
             tokenizer: None,
+            chat_template: None,
             lora: None,
             quantization: None,
             generation: None,
@@ -216,6 +227,16 @@ impl Model {
         }
     }
 
+    /// The chat template, or an error naming the directory that has none (rendering
+    /// messages needs one).
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::Chat(crate::chat::ChatError::NoTemplate {
+                dir: self.source_dir.clone().unwrap_or_default(),
+            })
+        })
+    }
+
     /// The tokenizer, or an error saying the directory had none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
@@ -226,16 +247,7 @@ impl Model {
     /// The ids that end generation: `generation_config.json`'s `eos_token_id` (a number or a
     /// list) when present, else `config.json`'s, else the tokenizer's EOS.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let from_gen = self
-            .generation
-            .as_ref()
-            .and_then(|g| g.get("eos_token_id"))
-            .map(|v| match v {
-                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-                other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            })
-            .filter(|v: &Vec<u32>| !v.is_empty());
-        from_gen
+        eos_ids_of(self.generation.as_ref())
             .or_else(|| Some(self.cfg().eos_token_id.clone()).filter(|v| !v.is_empty()))
             .or_else(|| self.tokenizer.as_ref().map(|t| vec![t.eos_token_id]))
             .unwrap_or_default()
@@ -568,4 +580,30 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     })?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
+}
+
+/// `generation_config.json`'s `eos_token_id` (a number or a list), when it names any.
+fn eos_ids_of(generation: Option<&serde_json::Value>) -> Option<Vec<u32>> {
+    generation
+        .and_then(|g| g.get("eos_token_id"))
+        .map(|v| match v {
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        })
+        .filter(|v: &Vec<u32>| !v.is_empty())
+}
+
+/// A model directory for `dir`: itself when it is one, else the Hub id it spells, resolved
+/// through the Hub cache ([`crate::hub::resolve_model`]).
+fn resolve_dir(dir: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    if dir.is_dir() {
+        return Ok(dir.to_path_buf());
+    }
+    match dir.to_str() {
+        Some(s) => crate::hub::resolve_model(s, revision),
+        None => Err(ModelError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        }),
+    }
 }

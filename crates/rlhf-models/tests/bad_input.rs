@@ -30,7 +30,10 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 #[test]
 fn a_missing_directory_or_weights_file_is_named() {
     let err = load_err(Path::new("/nonexistent/model"));
-    assert!(err.contains("/nonexistent/model") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("no such directory"),
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
     write_small(dir.path());
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();

@@ -100,6 +100,7 @@ fn bf16_weights_stay_close_to_f32() {
         &rlhf_models::LoadOptions {
             dtype: DType::BF16,
             device: Device::Cpu,
+            revision: None,
         },
     )
     .unwrap();

@@ -107,6 +107,18 @@ pub struct ChatData<'a> {
     pub tools: Option<&'a [Value]>,
 }
 
+/// The chat template a trainer renders with: the file `path` when given (TRL's
+/// `chat_template_path`), else the model's own (`None` when it has none).
+pub fn template_for(model: &rlhf_models::Model, path: Option<&str>) -> Result<Option<ChatTemplate>> {
+    match path {
+        Some(p) => Ok(Some(ChatTemplate::from_file(
+            std::path::Path::new(p),
+            model.tokenizer()?.config.special.clone(),
+        )?)),
+        None => Ok(model.chat_template.clone()),
+    }
+}
+
 impl<'a> ChatData<'a> {
     /// Plain-text rows only (no template).
     pub fn text(tokenizer: &'a Tokenizer) -> Self {

@@ -74,6 +74,14 @@ fn numbers_of<E: serde::de::Error>(v: Value) -> Result<Vec<f64>, E> {
     }
 }
 
+/// [`names`], optional (`null` or absent: `None`).
+pub fn opt_names<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => names(v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 /// An optional list of numbers: absent, a list, one number, or a comma-separated string
 /// (`--reward-weights 1.0,0.5`).
 pub fn opt_numbers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {

@@ -21,9 +21,12 @@ pub struct PeftArgs {
     pub lora_alpha: f64,
     /// Dropout on the adapter input.
     pub lora_dropout: f64,
-    /// Module names (default for GPT-2: `c_attn`) or `["all-linear"]`.
+    /// Module names (default: the family's, PEFT's table; GPT-2 `c_attn`) or `all-linear`;
+    /// a list, or names separated by commas.
+    #[serde(default, deserialize_with = "crate::config_values::opt_names")]
     pub lora_target_modules: Option<Vec<String>>,
     /// Modules trained in full and saved with the adapter (a reward model's `score` always is).
+    #[serde(default, deserialize_with = "crate::config_values::opt_names")]
     pub lora_modules_to_save: Option<Vec<String>>,
     /// `none`, `all` or `lora_only`: which biases train.
     pub lora_bias: String,
@@ -34,6 +37,10 @@ pub struct PeftArgs {
     /// Base quantization of the frozen projections.
     #[serde(flatten)]
     pub quant: QuantConfig,
+    /// Hub revision (branch, tag or commit) of `model_name_or_path` when it is a Hub id
+    /// (TRL `ModelConfig.model_revision`; default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_revision: Option<String>,
 }
 
 impl Default for PeftArgs {
@@ -49,6 +56,7 @@ impl Default for PeftArgs {
             use_rslora: false,
             reference_bias: "original".into(),
             quant: QuantConfig::default(),
+            model_revision: None,
         }
     }
 }
@@ -66,7 +74,12 @@ impl PeftArgs {
             "r": self.lora_r,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
-            "target_modules": self.lora_target_modules,
+            // One name is passed as a string, as TRL's `ModelConfig` does, so that
+            // `all-linear` means PEFT's "every linear layer but the output".
+            "target_modules": match self.lora_target_modules.as_deref() {
+                Some([one]) => serde_json::json!(one),
+                other => serde_json::json!(other),
+            },
             "modules_to_save": if modules.is_empty() { None } else { Some(modules) },
             "bias": self.lora_bias,
             "use_rslora": self.use_rslora,
@@ -107,7 +120,10 @@ pub fn load_trainable(
     seed: u64,
     prepare: impl FnOnce(&mut Model) -> Result<()>,
 ) -> Result<Model> {
-    let opts = rlhf_models::LoadOptions::default();
+    let opts = rlhf_models::LoadOptions {
+        revision: peft.model_revision.clone(),
+        ..Default::default()
+    };
     if !peft.use_peft {
         let mut model = Model::load(resume.unwrap_or(model_path), &opts)?;
         prepare(&mut model)?;

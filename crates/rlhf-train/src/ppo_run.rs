@@ -11,6 +11,7 @@ use rlhf_models::{GenerationConfig, LoadOptions, Model};
 use rlhf_ops::rng::RngStream;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_data::ChatData;
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
 use crate::data::read_data;
 use crate::error::{Result, TrainError};
@@ -130,6 +131,27 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     (0..rows.len()).map(|i| rows.text(i, col).map(str::to_string)).collect()
 }
 
+/// Prompts with their ids: `query` (or `prompt`) text tokenised with the tokenizer's special
+/// tokens, or a conversation rendered with the model's chat template and the generation
+/// prompt ([`ChatData::prompt_ids`]). The text of a conversation (what the reward model reads
+/// before the response) is its rendering without special tokens.
+pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<(String, Vec<u32>)>> {
+    let rows = read_data(path)?;
+    let tok = model.tokenizer()?;
+    let data = ChatData::with_template(tok, model.chat_template.as_ref());
+    let col = if rows.has(0, "query") { "query" } else { "prompt" };
+    (0..rows.len())
+        .map(|i| {
+            let ids = data.prompt_ids(&rows, i)?;
+            let text = match rows.rows[i].get(col) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                _ => tok.decode(&ids, true)?,
+            };
+            Ok((text, ids))
+        })
+        .collect()
+}
+
 /// Runs PPO as TRL's example scripts do.
 pub fn train(cfg: &PpoRunConfig) -> Result<PpoOutcome> {
     train_until(cfg, &StopSignal::new())
@@ -183,9 +205,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         .output_max_length
         .map_or(cfg.max_new_tokens, |m| m.saturating_sub(1).max(1));
     let mut prompts: Vec<(String, Vec<u32>)> = Vec::new();
-    let texts = read_prompts(Path::new(&cfg.train_file))?;
-    for t in texts {
-        let ids = tok.encode(&t)?;
+    for (t, ids) in prompt_ids(&trainer.model, Path::new(&cfg.train_file))? {
         if !ids.is_empty() && ids.len() + max_new <= n_pos {
             prompts.push((t, ids));
         }
@@ -356,11 +376,16 @@ fn load_policy(cfg: &PpoRunConfig, resume: Option<&Path>) -> Result<(Model, Opti
     let base = PathBuf::from(&cfg.model_name_or_path);
     let mut policy = load_trainable(&base, resume, &cfg.peft, "CAUSAL_LM", cfg.ppo.seed, |_| Ok(()))?;
     if !cfg.peft.use_peft {
-        let ref_dir = cfg
-            .ref_model_path
-            .clone()
-            .unwrap_or_else(|| cfg.model_name_or_path.clone());
-        let reference = Model::load(Path::new(&ref_dir), &LoadOptions::default())?;
+        // The default reference is the policy's own checkpoint, at its revision.
+        let (ref_dir, revision) = match &cfg.ref_model_path {
+            Some(p) => (p.clone(), None),
+            None => (cfg.model_name_or_path.clone(), cfg.peft.model_revision.clone()),
+        };
+        let opts = LoadOptions {
+            revision,
+            ..LoadOptions::default()
+        };
+        let reference = Model::load(Path::new(&ref_dir), &opts)?;
         return Ok((policy, Some(reference), resume.map_or(base, Path::to_path_buf)));
     }
     if let Some(ckpt) = resume {

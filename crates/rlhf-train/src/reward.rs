@@ -19,11 +19,11 @@ use rlhf_ops::ppo::bradley_terry_loss;
 use rlhf_ops::sink::GradSink;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_data::ChatData;
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
 use crate::peft_args::PeftArgs;
-use crate::score::reward_tokens;
 use crate::stop::StopSignal;
 use crate::trainer::{open_run, trainable_params, DataPaths, TrainLoop, TrainingArgs};
 
@@ -82,18 +82,18 @@ pub struct Pair {
     pub margin: Option<f32>,
 }
 
-/// Reads and tokenises preference rows; rows longer than `max_length` are dropped and
+/// Reads and tokenises preference rows, plain text or conversational
+/// ([`ChatData::reward_pair`]: prompt + answer with EOS appended, as TRL's `RewardTrainer`); rows longer than `max_length` are dropped and
 /// counted. An empty result is an error that says why.
 pub fn prepare_pairs(model: &Model, rows: &Rows, max_length: Option<usize>) -> Result<(Vec<Pair>, usize)> {
     let mut pairs = Vec::with_capacity(rows.len());
     let mut dropped = 0;
+    let data = ChatData::with_template(model.tokenizer()?, model.chat_template.as_ref());
     let limit = max_length
         .unwrap_or(usize::MAX)
         .min(model.cfg().max_position_embeddings);
     for i in 0..rows.len() {
-        let prompt = rows.opt_text(i, "prompt")?.unwrap_or("");
-        let chosen = reward_tokens(model, prompt, rows.text(i, "chosen")?)?;
-        let rejected = reward_tokens(model, prompt, rows.text(i, "rejected")?)?;
+        let (chosen, rejected) = data.reward_pair(rows, i)?;
         let margin = rows.opt_number(i, "margin")?.map(|m| m as f32);
         if let Some(m) = margin.filter(|m| !m.is_finite()) {
             return Err(TrainError::Row {

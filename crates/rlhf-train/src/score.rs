@@ -3,6 +3,7 @@
 use candle_core::D;
 use rlhf_models::{Fwd, Model};
 
+use crate::chat_data::ChatData;
 use crate::collate::{pad, PadSide};
 use crate::data::Rows;
 use crate::error::{Result, TrainError};
@@ -43,10 +44,11 @@ pub fn pair_accuracy(scored: &[Scored]) -> Option<(f64, usize)> {
 }
 
 /// The text a reward model scores: `prompt + response` with EOS appended when missing,
-/// as TRL's `RewardTrainer` tokenises its training pairs.
+/// tokenised with the tokenizer's special tokens (a Llama BOS), as TRL's `RewardTrainer`
+/// tokenises its training pairs.
 pub fn reward_tokens(model: &Model, prompt: &str, response: &str) -> Result<Vec<u32>> {
     let tok = model.tokenizer()?;
-    let mut ids = tok.encode(&format!("{prompt}{response}"))?;
+    let mut ids = tok.encode_special(&format!("{prompt}{response}"), true)?;
     if ids.last() != Some(&tok.eos_token_id) {
         ids.push(tok.eos_token_id);
     }
@@ -62,24 +64,27 @@ pub fn score_rows(model: &Model, rows: &Rows, batch_size: usize) -> Result<Vec<S
     let n_pos = model.cfg().max_position_embeddings;
     let mut seqs: Vec<Vec<u32>> = Vec::new();
     let mut is_pair = Vec::with_capacity(rows.len());
+    let data = ChatData::with_template(model.tokenizer()?, model.chat_template.as_ref());
     for i in 0..rows.len() {
-        let prompt = rows.opt_text(i, "prompt")?.unwrap_or("");
-        let texts: Vec<&str> = if rows.has(i, "chosen") || rows.has(i, "rejected") {
+        let texts: Vec<Vec<u32>> = if rows.has(i, "chosen") || rows.has(i, "rejected") {
             is_pair.push(true);
-            vec![rows.text(i, "chosen")?, rows.text(i, "rejected")?]
-        } else if rows.has(i, "text") {
-            is_pair.push(false);
-            vec![rows.text(i, "text")?]
+            let (c, r) = data.reward_pair(rows, i)?;
+            vec![c, r]
         } else {
+            let prompt = rows.opt_text(i, "prompt")?.unwrap_or("");
             is_pair.push(false);
-            vec![rows.text(i, "response").map_err(|_| TrainError::Row {
-                path: rows.path.clone(),
-                row: i + 1,
-                msg: "expected `text`, `prompt` + `response`, or `chosen` + `rejected` columns".into(),
-            })?]
+            let text = if rows.has(i, "text") {
+                rows.text(i, "text")?
+            } else {
+                rows.text(i, "response").map_err(|_| TrainError::Row {
+                    path: rows.path.clone(),
+                    row: i + 1,
+                    msg: "expected `text`, `prompt` + `response`, or `chosen` + `rejected` columns".into(),
+                })?
+            };
+            vec![reward_tokens(model, prompt, text)?]
         };
-        for t in texts {
-            let ids = reward_tokens(model, prompt, t)?;
+        for ids in texts {
             if ids.len() > n_pos {
                 return Err(TrainError::Row {
                     path: rows.path.clone(),

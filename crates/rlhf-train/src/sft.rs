@@ -20,6 +20,7 @@ use rlhf_models::{Fwd, Model};
 use rlhf_ops::ppo::logprobs_from_logits;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_data::ChatData;
 use crate::collate::{pad, PadSide};
 use crate::data::{read_data, Rows};
 use crate::error::{Result, TrainError};
@@ -45,6 +46,11 @@ pub struct SftConfig {
     pub max_length: Option<usize>,
     /// Loss on completion tokens only (default: yes when rows have a prompt).
     pub completion_only_loss: Option<bool>,
+    /// Loss on assistant turns only (conversational rows; the template must mark them with
+    /// `{% generation %}`, e.g. TRL's `*_training.jinja` given as `chat_template_path`).
+    pub assistant_only_loss: bool,
+    /// A Jinja chat template file used instead of the model's own.
+    pub chat_template_path: Option<String>,
     /// Shared training settings.
     #[serde(flatten)]
     pub args: TrainingArgs,
@@ -63,6 +69,8 @@ impl Default for SftConfig {
             dataset_text_field: "text".into(),
             max_length: Some(1024),
             completion_only_loss: None,
+            assistant_only_loss: false,
+            chat_template_path: None,
             args: TrainingArgs {
                 output_dir: "runs/sft".into(),
                 learning_rate: 2e-5,
@@ -83,33 +91,34 @@ pub struct Example {
     pub labels: Vec<u8>,
 }
 
-/// Tokenises SFT rows; rows longer than `max_length` are dropped and counted.
+/// Tokenises SFT rows as TRL 1.16's `SFTTrainer` does (plain text, prompt-completion, or
+/// conversational rows rendered with the chat template, [`ChatData::sft_example`]); rows
+/// longer than `max_length` are dropped and counted.
 pub fn prepare_examples(model: &Model, rows: &Rows, cfg: &SftConfig) -> Result<(Vec<Example>, usize)> {
     let tok = model.tokenizer()?;
+    let template = crate::chat_data::template_for(model, cfg.chat_template_path.as_deref())?;
+    let data = ChatData::with_template(tok, template.as_ref());
     let limit = cfg
         .max_length
         .unwrap_or(usize::MAX)
         .min(model.cfg().max_position_embeddings);
     let (mut out, mut dropped) = (Vec::with_capacity(rows.len()), 0);
     for i in 0..rows.len() {
-        let (mut ids, prompt_len) = if rows.has(i, "prompt") || rows.has(i, "completion") {
-            let prompt = tok.encode(rows.text(i, "prompt")?)?;
-            let completion = tok.encode(rows.text(i, "completion")?)?;
-            let only = cfg.completion_only_loss.unwrap_or(true);
-            let n = if only { prompt.len() } else { 0 };
-            ([prompt, completion].concat(), n)
-        } else {
-            (tok.encode(rows.text(i, &cfg.dataset_text_field)?)?, 0)
-        };
-        if ids.last() != Some(&tok.eos_token_id) {
-            ids.push(tok.eos_token_id);
-        }
-        if ids.len() > limit {
+        let t = data.sft_example(rows, i, &cfg.dataset_text_field, cfg.assistant_only_loss)?;
+        if t.input_ids.len() > limit {
             dropped += 1;
             continue;
         }
-        let labels = (0..ids.len()).map(|t| u8::from(t >= prompt_len.max(1))).collect();
-        out.push(Example { ids, labels });
+        let labels = t
+            .labels(cfg.completion_only_loss.unwrap_or(true))
+            .iter()
+            .enumerate()
+            .map(|(p, &l)| u8::from(p >= 1 && l != -100))
+            .collect();
+        out.push(Example {
+            ids: t.input_ids,
+            labels,
+        });
     }
     if out.is_empty() {
         return Err(TrainError::Data {
