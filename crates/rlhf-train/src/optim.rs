@@ -49,8 +49,31 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// The moments in host memory (parameters on the CPU; empty otherwise).
     m: Vec<f32>,
     v: Vec<f32>,
+    /// The moments as f32 tensors on the parameter's device (parameters off the CPU).
+    on_device: Option<(Tensor, Tensor)>,
+}
+
+impl Slot {
+    fn new(name: String, var: Var, on_device: bool) -> Result<Self> {
+        let n = var.elem_count();
+        let (host, dev) = if on_device {
+            let z = Tensor::zeros(n, DType::F32, var.device())?;
+            (0, Some((z.clone(), z)))
+        } else {
+            (n, None)
+        };
+        Ok(Slot {
+            decay: decays(&name),
+            name,
+            var,
+            m: vec![0.0; host],
+            v: vec![0.0; host],
+            on_device: dev,
+        })
+    }
 }
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter 2019), exactly torch's update:
@@ -64,19 +87,34 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer over named variables; weight decay follows [`decays`].
+    /// An optimizer over named variables; weight decay follows [`decays`]. The moments of
+    /// a parameter live on its device: host vectors for the CPU, f32 tensors elsewhere.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamConfig) -> Self {
+        Self::with_state_placement(params, cfg, |var| !var.device().is_cpu())
+    }
+
+    /// [`AdamW::new`] with the moments of every parameter kept as device tensors and updated
+    /// with tensor ops (the path of parameters off the CPU), wherever the parameters are;
+    /// the test oracle of that path on the CPU.
+    pub fn with_device_state(params: Vec<(String, Var)>, cfg: AdamConfig) -> Self {
+        Self::with_state_placement(params, cfg, |_| true)
+    }
+
+    fn with_state_placement(params: Vec<(String, Var)>, cfg: AdamConfig, on_device: impl Fn(&Var) -> bool) -> Self {
         let slots = params
             .into_iter()
             .map(|(name, var)| {
-                let n = var.elem_count();
-                Slot {
+                let dev = on_device(&var);
+                // Zeros of the parameter's size on its own device cannot fail short of an
+                // allocation failure; fall back to host moments then.
+                Slot::new(name.clone(), var.clone(), dev).unwrap_or_else(|_| Slot {
                     decay: decays(&name),
+                    m: vec![0.0; var.elem_count()],
+                    v: vec![0.0; var.elem_count()],
                     name,
                     var,
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                }
+                    on_device: None,
+                })
             })
             .collect();
         Self { cfg, slots, step: 0 }
@@ -99,7 +137,7 @@ impl AdamW {
 
     /// Number of optimised scalars.
     pub fn num_params(&self) -> usize {
-        self.slots.iter().map(|s| s.m.len()).sum()
+        self.slots.iter().map(|s| s.var.elem_count()).sum()
     }
 
     /// One update with learning rate `lr` from accumulated gradients (aligned with the
@@ -113,7 +151,9 @@ impl AdamW {
             let Some(g) = g else { continue };
             let decay = k.decay(slot.decay);
             let t = slot.var.as_tensor();
-            if rlhf_ops::kernels::applies(&[t]) && t.is_contiguous() {
+            if let Some((m, v)) = &mut slot.on_device {
+                adam_update_tensors(&slot.var, m, v, g, &k, decay)?;
+            } else if rlhf_ops::kernels::applies(&[t]) && t.is_contiguous() {
                 let op = InPlaceAdam {
                     k: &k,
                     decay,
@@ -136,7 +176,10 @@ impl AdamW {
         for (slot, g) in self.slots.iter_mut().zip(&grads.sums) {
             let Some(g) = g else { continue };
             let decay = k.decay(slot.decay);
-            adam_update_copying(&slot.var, &mut slot.m, &mut slot.v, g, &k, decay)?;
+            match &mut slot.on_device {
+                Some((m, v)) => adam_update_tensors(&slot.var, m, v, g, &k, decay)?,
+                None => adam_update_copying(&slot.var, &mut slot.m, &mut slot.v, g, &k, decay)?,
+            }
         }
         Ok(())
     }
@@ -160,14 +203,15 @@ impl AdamW {
     pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
-            out.insert(
-                format!("{}.exp_avg", s.name),
-                Tensor::new(s.m.as_slice(), &Device::Cpu)?,
-            );
-            out.insert(
-                format!("{}.exp_avg_sq", s.name),
-                Tensor::new(s.v.as_slice(), &Device::Cpu)?,
-            );
+            let (m, v) = match &s.on_device {
+                Some((m, v)) => (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?),
+                None => (
+                    Tensor::new(s.m.as_slice(), &Device::Cpu)?,
+                    Tensor::new(s.v.as_slice(), &Device::Cpu)?,
+                ),
+            };
+            out.insert(format!("{}.exp_avg", s.name), m);
+            out.insert(format!("{}.exp_avg_sq", s.name), v);
         }
         out.insert("step".into(), Tensor::new(&[self.step as f32], &Device::Cpu)?);
         Ok(out)
@@ -189,9 +233,18 @@ impl AdamW {
             Ok(v)
         };
         for s in &mut self.slots {
-            let n = s.m.len();
-            s.m = get(&format!("{}.exp_avg", s.name), n)?;
-            s.v = get(&format!("{}.exp_avg_sq", s.name), n)?;
+            let n = s.var.elem_count();
+            let (m, v) = (
+                get(&format!("{}.exp_avg", s.name), n)?,
+                get(&format!("{}.exp_avg_sq", s.name), n)?,
+            );
+            match &mut s.on_device {
+                Some(dev) => {
+                    let d = s.var.device();
+                    *dev = (Tensor::from_vec(m, n, d)?, Tensor::from_vec(v, n, d)?);
+                }
+                None => (s.m, s.v) = (m, v),
+            }
         }
         self.step = get("step", 1)?[0] as u64;
         Ok(())
@@ -251,6 +304,30 @@ fn adam_update_copying(
     adam_par(&mut p, m, v, g, k, decay);
     let new = Tensor::from_vec(p, t.shape(), t.device())?.to_dtype(t.dtype())?;
     var.set(&new)?;
+    Ok(())
+}
+
+/// The Adam update in tensor ops on the parameter's device (the moments stay there; the
+/// accumulated gradient is copied over once): the path of parameters off the CPU. The
+/// same formula as `adamw_f32`: `m = β₁m + (1-β₁)g`, `v = β₂v + (1-β₂)g²`,
+/// `p = p·decay − step_size·m / (sqrt(v)·inv_bc2 + ε)`.
+fn adam_update_tensors(
+    var: &Var,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    g: &[f32],
+    k: &AdamCoefficients,
+    decay: f32,
+) -> Result<()> {
+    let t = var.as_tensor();
+    let g = Tensor::from_slice(g, g.len(), t.device())?;
+    let (b1, b2) = (k.b1 as f64, k.b2 as f64);
+    *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+    *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let denom = ((v.sqrt()? * k.inv_bc2 as f64)? + k.eps as f64)?;
+    let p = t.flatten_all()?.to_dtype(DType::F32)?;
+    let p = ((p * decay as f64)? - ((&*m / denom)? * k.step_size as f64)?)?;
+    var.set(&p.reshape(t.shape())?.to_dtype(t.dtype())?)?;
     Ok(())
 }
 
@@ -526,6 +603,52 @@ mod tests {
         );
         assert_eq!(fast.slots[0].m, slow.slots[0].m);
         assert_eq!(fast.slots[0].v, slow.slots[0].v);
+    }
+
+    #[test]
+    fn device_moments_follow_the_host_update_and_round_trip() {
+        let n = 2 * CHUNK + 5;
+        let init: Vec<f32> = (0..n).map(|i| ((i * 29 % 89) as f32 - 44.0) / 20.0).collect();
+        let cfg = AdamConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let (a, b) = (
+            Var::new(init.as_slice(), &Device::Cpu).unwrap(),
+            Var::new(init.as_slice(), &Device::Cpu).unwrap(),
+        );
+        let mut host = AdamW::new(vec![("w".into(), a.clone())], cfg.clone());
+        let mut dev = AdamW::with_device_state(vec![("w".into(), b.clone())], cfg.clone());
+        assert!(dev.slots[0].on_device.is_some() && dev.slots[0].m.is_empty());
+        for t in 0..4 {
+            let g: Vec<f32> = (0..n).map(|i| (((i + t) * 41 % 83) as f32 - 40.0) / 10.0).collect();
+            let grads = Grads { sums: vec![Some(g)] };
+            host.step(&grads, 1e-2).unwrap();
+            dev.step(&grads, 1e-2).unwrap();
+        }
+        // Same formula; f64 scalars in the tensor ops against f32 in the fused loop.
+        let (pa, pb) = (
+            a.as_tensor().to_vec1::<f32>().unwrap(),
+            b.as_tensor().to_vec1::<f32>().unwrap(),
+        );
+        let diff = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-6, "{diff}");
+        let (sa, sb) = (host.state().unwrap(), dev.state().unwrap());
+        for k in ["w.exp_avg", "w.exp_avg_sq"] {
+            let (x, y) = (sa[k].to_vec1::<f32>().unwrap(), sb[k].to_vec1::<f32>().unwrap());
+            let d = x
+                .iter()
+                .zip(&y)
+                .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-6, "{k}: {d}");
+        }
+        let mut back = AdamW::with_device_state(vec![("w".into(), b)], cfg);
+        back.load_state(&sb).unwrap();
+        assert_eq!(
+            back.state().unwrap()["w.exp_avg"].to_vec1::<f32>().unwrap(),
+            sb["w.exp_avg"].to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
