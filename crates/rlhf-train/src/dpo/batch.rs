@@ -115,17 +115,11 @@ impl PackedBatch {
         Ok(padded.index_select(&idx, 0)?.reshape((self.rows, self.cols))?)
     }
 
-    /// Summed completion log-probs per row `(2N)` from the scored positions' log-probs.
-    fn row_sums(&self, logps: &[f32]) -> Vec<f32> {
-        let mut sums = vec![0f32; self.rows];
-        for (r, sum) in sums.iter_mut().enumerate() {
-            for &k in &self.layout[r * self.cols..(r + 1) * self.cols] {
-                if let Some(v) = logps.get(k as usize) {
-                    *sum += v;
-                }
-            }
-        }
-        sums
+    /// Summed completion log-probs per row `(2N)`: the `(2N, L − 1)` layout summed over
+    /// its columns, the reduction `dpo_loss` applies to the policy (so that a reference equal
+    /// to the policy gives exactly zero rewards).
+    fn row_sums(&self, logps: &Tensor) -> Result<Vec<f32>> {
+        Ok(self.spread(logps)?.sum(1)?.to_dtype(DType::F32)?.to_vec1()?)
     }
 }
 
@@ -172,8 +166,7 @@ pub fn reference_logps(
         } else {
             Fwd::eval().without_adapters()
         };
-        let lp: Vec<f32> = score(model, &packed, &mut fwd)?.logps.to_dtype(DType::F32)?.to_vec1()?;
-        let sums = packed.row_sums(&lp);
+        let sums = packed.row_sums(&score(model, &packed, &mut fwd)?.logps)?;
         let n = chunk.len();
         out.extend((0..n).map(|i| (sums[i], sums[n + i])));
     }
@@ -189,6 +182,14 @@ pub fn pad_id(model: &Model) -> Result<u32> {
                 .into(),
         )
     })
+}
+
+/// A batch's reference log-probs, owned.
+enum Ref {
+    /// `(2N, L − 1)`.
+    PerToken(Tensor),
+    /// `(N)` chosen and `(N)` rejected sums.
+    Summed(Tensor, Tensor),
 }
 
 /// One micro-batch's loss and TRL-named metrics.
@@ -219,28 +220,29 @@ pub fn batch_loss(
     let n = examples.len();
     let dev = policy.device().clone();
 
-    // The reference's summed log-probs (N) each.
-    let (ref_c, ref_r): (Vec<f32>, Vec<f32>) = match reference {
+    // The reference: per-token log-probs (2N, L − 1), or the precomputed sums (N) each.
+    let reference = match reference {
         RefSource::Forward { model, adapters } => {
             let mut rf = if adapters {
                 Fwd::eval()
             } else {
                 Fwd::eval().without_adapters()
             };
-            let lp: Vec<f32> = score(model, &packed, &mut rf)?.logps.to_dtype(DType::F32)?.to_vec1()?;
-            let sums = packed.row_sums(&lp);
-            (sums[..n].to_vec(), sums[n..].to_vec())
+            Ref::PerToken(packed.spread(&score(model, &packed, &mut rf)?.logps)?)
         }
-        RefSource::Precomputed => examples
-            .iter()
-            .map(|e| {
-                e.ref_logps.ok_or_else(|| {
-                    TrainError::Config("internal: precompute_ref_log_probs is set but an example has none".into())
+        RefSource::Precomputed => {
+            let (c, r): (Vec<f32>, Vec<f32>) = examples
+                .iter()
+                .map(|e| {
+                    e.ref_logps.ok_or_else(|| {
+                        TrainError::Config("internal: precompute_ref_log_probs is set but an example has none".into())
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .unzip(),
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
+            Ref::Summed(Tensor::from_vec(c, n, &dev)?, Tensor::from_vec(r, n, &dev)?)
+        }
     };
 
     // The policy: per-token log-probs (2N, L − 1), zero outside the completions.
@@ -248,15 +250,24 @@ pub fn batch_loss(
     let policy_logps = packed.spread(&scored.logps)?;
     let (_, attn, cmask) = packed.batch.to_tensors(&dev).map_err(setting_of)?;
     let dt = policy_logps.dtype();
-    let ref_c = Tensor::from_vec(ref_c, n, &dev)?.to_dtype(dt)?;
-    let ref_r = Tensor::from_vec(ref_r, n, &dev)?.to_dtype(dt)?;
+    let (ref_tokens, ref_c, ref_r);
+    let reference = match reference {
+        Ref::PerToken(t) => {
+            ref_tokens = t.to_dtype(dt)?;
+            DpoReference::PerToken(&ref_tokens)
+        }
+        Ref::Summed(c, r) => {
+            (ref_c, ref_r) = (c.to_dtype(dt)?, r.to_dtype(dt)?);
+            DpoReference::Summed {
+                chosen: &ref_c,
+                rejected: &ref_r,
+            }
+        }
+    };
     let out = dpo_loss(
         &DpoLossInputs {
             policy_logps: &policy_logps,
-            reference: DpoReference::Summed {
-                chosen: &ref_c,
-                rejected: &ref_r,
-            },
+            reference,
             completion_mask: &cmask,
         },
         &plan.loss,

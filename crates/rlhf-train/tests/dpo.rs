@@ -1,0 +1,295 @@
+//! The DPO trainer against TRL 1.16's `DPOTrainer`, through the trainer's own code path
+//! (tokenization, collation, packed forward, fused LM head, reference, loss, metrics,
+//! gradients, the training loop).
+//!
+//! Expected numbers: `fixtures/algorithms/dpo.json` (made by `algo_fixtures.py`, trl 1.16.0,
+//! float32, CPU; see `fixtures/algorithms/README.md`): the policy is `tiny-gpt2` with the
+//! `old` `ln_f` vectors of `model_states.json`, the reference the unchanged file.
+//! Tolerances as the README recommends: loss 1e-4 relative (1e-6 absolute near 0), metrics
+//! 1e-4 relative (counts exactly), summed log-probs 1e-3 absolute, `grad_norm` 1e-4
+//! relative; the 2-step `train()` run 1e-4 at step 1 and 1e-3 at step 2 (after AdamW).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::fixtures;
+use rlhf_models::{Fwd, LoadOptions, Model};
+use rlhf_ops::rl::dpo_data::PreferenceIds;
+use rlhf_ops::sink::GradSink;
+use rlhf_train::data::read_data;
+use rlhf_train::dpo::{batch_loss, prepare_examples, reference_logps, DpoConfig, PackedBatch, RefSource};
+use rlhf_train::optim::Grads;
+use rlhf_train::trainer::trainable_params;
+use serde_json::Value;
+
+fn load_json(name: &str) -> Value {
+    let p = fixtures().join("algorithms").join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn nums(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn ids(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| nums(r).into_iter().map(|x| x as u32).collect())
+        .collect()
+}
+
+fn close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
+    (got - want).abs() <= abs.max(rel * want.abs())
+}
+
+/// `tiny-gpt2` with `transformer.ln_f` replaced by `model_states.json`'s `state` vectors,
+/// saved to `dir`.
+fn tiny_gpt2_in_state(state: &str, dir: &Path) -> PathBuf {
+    let src = fixtures().join("tiny-gpt2");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let states = load_json("model_states.json");
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    for name in ["transformer.ln_f.weight", "transformer.ln_f.bias"] {
+        let v: Vec<f32> = nums(&states["states"][state][name])
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
+        let n = v.len();
+        tensors.insert(name.into(), Tensor::from_vec(v, n, &Device::Cpu).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// dpo.json's rows as a JSONL file.
+fn rows_file(fx: &Value, dir: &Path) -> PathBuf {
+    let path = dir.join("rows.jsonl");
+    let text: String = fx["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{r}\n"))
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The DPOConfig of a dpo.json case.
+fn case_config(c: &Value) -> DpoConfig {
+    DpoConfig {
+        beta: c["beta"].as_f64().unwrap(),
+        loss_type: c["loss_type"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect(),
+        loss_weights: c["loss_weights"].as_array().map(|w| nums(&Value::Array(w.clone()))),
+        label_smoothing: c["label_smoothing"].as_f64().unwrap(),
+        max_length: c["max_length"].as_u64().map(|m| m as usize),
+        truncation_mode: c["truncation_mode"].as_str().unwrap().into(),
+        precompute_ref_log_probs: c["ref"] == "precomputed",
+        ..DpoConfig::default()
+    }
+}
+
+fn load(dir: &Path) -> Model {
+    Model::load(dir, &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn the_trainers_tokenization_and_collation_equal_trls() {
+    let fx = load_json("dpo.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = read_data(&rows_file(&fx, tmp.path())).unwrap();
+    let model = load(&fixtures().join("tiny-gpt2"));
+    let plan = DpoConfig::default().plan(1).unwrap();
+    let (examples, dropped) = prepare_examples(&model, None, &rows, &plan).unwrap();
+    assert_eq!((examples.len(), dropped), (4, 0));
+    for (ex, want) in examples.iter().zip(fx["tokenized"].as_array().unwrap()) {
+        let w = |k: &str| nums(&want[k]).into_iter().map(|x| x as u32).collect::<Vec<_>>();
+        assert_eq!(
+            ex.ids,
+            PreferenceIds {
+                prompt_ids: w("prompt_ids"),
+                chosen_ids: w("chosen_ids"),
+                rejected_ids: w("rejected_ids"),
+            }
+        );
+    }
+    for (key, batch) in fx["batches"].as_object().unwrap() {
+        let case = fx["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["batch"] == key.as_str())
+            .unwrap();
+        let plan = case_config(&case["config"]).plan(1).unwrap();
+        let (examples, _) = prepare_examples(&model, None, &rows, &plan).unwrap();
+        let refs: Vec<&PreferenceIds> = examples.iter().map(|e| &e.ids).collect();
+        let packed = PackedBatch::new(&refs, 50256, &plan).unwrap();
+        assert_eq!(packed.batch.input_ids, ids(&batch["input_ids"]), "{key}");
+        assert_eq!(packed.batch.attention_mask, ids(&batch["attention_mask"]), "{key}");
+        assert_eq!(packed.batch.completion_mask, ids(&batch["completion_mask"]), "{key}");
+    }
+}
+
+/// Loss, metrics and gradient norm of one batch through `batch_loss` (policy trainable).
+fn run_case(policy: &Model, reference: &Model, fx: &Value, case: &Value) -> (f64, BTreeMap<String, f64>, f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = read_data(&rows_file(fx, tmp.path())).unwrap();
+    let plan = case_config(&case["config"]).plan(1).unwrap();
+    let (mut examples, _) = prepare_examples(policy, None, &rows, &plan).unwrap();
+    let source = if plan.precompute_ref_log_probs {
+        let refs: Vec<&PreferenceIds> = examples.iter().map(|e| &e.ids).collect();
+        let sums = reference_logps(reference, true, &refs, &plan, 2).unwrap();
+        let pre = &case["precomputed_ref"];
+        let (c, r) = (nums(&pre["ref_chosen_logps"]), nums(&pre["ref_rejected_logps"]));
+        for (i, (e, s)) in examples.iter_mut().zip(sums).enumerate() {
+            assert!(close(s.0 as f64, c[i], 0.0, 1e-3) && close(s.1 as f64, r[i], 0.0, 1e-3));
+            e.ref_logps = Some(s);
+        }
+        RefSource::Precomputed
+    } else {
+        RefSource::Forward {
+            model: reference,
+            adapters: true,
+        }
+    };
+    let params = trainable_params(policy);
+    let vars: Vec<_> = params.iter().map(|(_, v)| v).collect();
+    let sink = GradSink::new();
+    let refs: Vec<_> = examples.iter().collect();
+    let out = batch_loss(policy, source, &refs, &plan, &mut Fwd::eval_grad().with_sink(&sink)).unwrap();
+    let mut grads = Grads::new(vars.len());
+    grads.add(&vars, &out.loss.backward().unwrap()).unwrap();
+    grads.add_sink(&vars, sink.take()).unwrap();
+    let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
+    (loss, out.metrics, grads.norm())
+}
+
+fn check_metrics(id: &str, got: &BTreeMap<String, f64>, want: &Value, rel: f64) {
+    for (k, w) in want.as_object().unwrap() {
+        if matches!(
+            k.as_str(),
+            "epoch" | "step" | "grad_norm" | "num_tokens" | "learning_rate"
+        ) {
+            continue;
+        }
+        let w = w.as_f64().unwrap();
+        let g = *got.get(k).unwrap_or_else(|| panic!("{id}: metric {k} not logged"));
+        let exact = matches!(k.as_str(), "rewards/accuracies" | "mean_token_accuracy");
+        let ok = if exact {
+            (g - w).abs() < 1e-6
+        } else {
+            close(g, w, rel, 1e-6)
+        };
+        assert!(ok, "{id}: {k} = {g}, TRL {w}");
+    }
+}
+
+/// The cases run through the trainer: every sigmoid case (frozen reference and precomputed
+/// log-probs, both β, label smoothing, both truncation modes), the weighted sigmoid + sft
+/// and the length-normalised ipo. The other loss types differ only inside `dpo_loss`,
+/// whose every case `rlhf-ops/tests/dpo_parity.rs` checks.
+fn trainer_case(id: &str) -> bool {
+    id.starts_with("dpo/sigmoid/")
+        || id.starts_with("dpo/sigmoid+sft/")
+        || id.starts_with("dpo/ipo/beta0.1/ls0.0/ref_model")
+}
+
+#[test]
+fn dpo_cases_through_the_trainer_match_trl_loss_metrics_and_grad_norm() {
+    let fx = load_json("dpo.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut policy = load(&tiny_gpt2_in_state(
+        fx["policy_state"].as_str().unwrap(),
+        &tmp.path().join("old"),
+    ));
+    policy.set_trainable(true).unwrap();
+    let reference = load(&fixtures().join("tiny-gpt2"));
+    let cases: Vec<&Value> = fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| trainer_case(c["id"].as_str().unwrap()))
+        .collect();
+    assert!(cases.len() >= 9, "{} cases", cases.len());
+    let mut worst = 0f64;
+    for &case in &cases {
+        let id = case["id"].as_str().unwrap();
+        let (loss, metrics, grad_norm) = run_case(&policy, &reference, &fx, case);
+        let want = case["loss"].as_f64().unwrap();
+        assert!(close(loss, want, 1e-4, 1e-6), "{id}: loss {loss}, TRL {want}");
+        check_metrics(id, &metrics, &case["logged"], 1e-4);
+        let want_norm = case["grad_norm"].as_f64().unwrap();
+        assert!(
+            close(grad_norm, want_norm, 1e-4, 1e-7),
+            "{id}: grad_norm {grad_norm}, TRL {want_norm}"
+        );
+        worst = worst.max((grad_norm - want_norm).abs() / want_norm.max(1e-9));
+    }
+    eprintln!(
+        "dpo trainer: {} cases, worst grad_norm error {worst:.1e} (relative)",
+        cases.len()
+    );
+}
+
+/// metrics.jsonl of a run, one object per line.
+fn metrics_lines(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn two_train_steps_log_what_trls_train_logs() {
+    let fx = load_json("dpo.json");
+    let e2e = &fx["e2e_train"];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = DpoConfig {
+        model_name_or_path: fixtures().join("tiny-gpt2").display().to_string(),
+        train_file: Some(rows_file(&fx, tmp.path()).display().to_string()),
+        ..DpoConfig::default()
+    };
+    cfg.args.output_dir = tmp.path().join("run").display().to_string();
+    cfg.args.learning_rate = e2e["config"]["learning_rate"].as_f64().unwrap();
+    cfg.args.lr_scheduler_type = "constant".into();
+    cfg.args.max_steps = 2;
+    cfg.args.per_device_train_batch_size = 4;
+    cfg.args.logging_steps = 1;
+    cfg.args.quiet = true;
+    rlhf_train::dpo::train(&cfg).unwrap();
+    let logged = metrics_lines(Path::new(&cfg.args.output_dir));
+    let want: Vec<&Value> = e2e["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .collect();
+    assert_eq!(logged.len(), want.len());
+    for (i, (got, want)) in logged.iter().zip(want).enumerate() {
+        let rel = if i == 0 { 1e-4 } else { 1e-3 };
+        let got_map: BTreeMap<String, f64> = got
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+            .collect();
+        check_metrics(&format!("step {}", i + 1), &got_map, want, rel);
+        for k in ["grad_norm", "num_tokens", "learning_rate", "epoch", "step"] {
+            let (g, w) = (got_map[k], want[k].as_f64().unwrap());
+            assert!(close(g, w, rel, 1e-9), "step {}: {k} = {g}, TRL {w}", i + 1);
+        }
+    }
+}
