@@ -293,3 +293,202 @@ fn two_train_steps_log_what_trls_train_logs() {
         }
     }
 }
+
+/// A DPO config over `train` (and `eval`), logging every step, quiet, f32.
+fn run_cfg(model: &Path, train: &Path, out: &Path) -> DpoConfig {
+    let mut cfg = DpoConfig {
+        model_name_or_path: model.display().to_string(),
+        train_file: Some(train.display().to_string()),
+        max_length: Some(128),
+        ..DpoConfig::default()
+    };
+    cfg.args.output_dir = out.display().to_string();
+    cfg.args.per_device_train_batch_size = 4;
+    cfg.args.logging_steps = 1;
+    cfg.args.quiet = true;
+    cfg
+}
+
+/// Held-out `rewards/accuracies` and `rewards/margins` after `steps` steps on `model`
+/// (before training both are 0: the policy is the reference).
+fn held_out_preference(model: &Path, steps: i64, lr: f64) -> (f64, f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, eval) = (tmp.path().join("train.jsonl"), tmp.path().join("eval.jsonl"));
+    common::head_jsonl("prefs_train.jsonl", 64, &train);
+    common::head_jsonl("prefs_val.jsonl", 32, &eval);
+    let mut cfg = run_cfg(model, &train, &tmp.path().join("run"));
+    cfg.eval_file = Some(eval.display().to_string());
+    cfg.args.max_steps = steps;
+    cfg.args.learning_rate = lr;
+    cfg.args.eval_strategy = "steps".into();
+    cfg.args.eval_steps = Some(1000);
+    cfg.args.per_device_eval_batch_size = 16;
+    let m = rlhf_train::dpo::train(&cfg).unwrap().eval.unwrap();
+    (m["rewards/accuracies"], m["rewards/margins"])
+}
+
+#[test]
+fn dpo_raises_held_out_preference_accuracy_on_tiny_gpt2() {
+    let (acc, margin) = held_out_preference(&fixtures().join("tiny-gpt2"), 8, 1e-3);
+    // Chance is 0.5 (and 0 before training: rewards are exactly 0 then).
+    assert!(acc >= 0.75 && margin > 0.1, "eval accuracy {acc}, margin {margin}");
+}
+
+#[test]
+fn dpo_raises_held_out_preference_accuracy_on_a_tiny_llama() {
+    let (acc, margin) = held_out_preference(&fixtures().join("families/tiny-llama"), 12, 3e-3);
+    assert!(acc >= 0.75 && margin > 0.1, "eval accuracy {acc}, margin {margin}");
+}
+
+fn logged(out: &Path) -> Vec<BTreeMap<String, f64>> {
+    metrics_lines(out)
+        .iter()
+        .map(|l| {
+            l.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.as_str() != "samples_per_second")
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                .collect()
+        })
+        .collect()
+}
+
+fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let file = ["model.safetensors", "adapter_model.safetensors"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists())
+        .unwrap();
+    candle_core::safetensors::load(file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_lora_run_uses_the_adapters_disabled_policy_as_reference_and_saves_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    common::head_jsonl("prefs_train.jsonl", 8, &train);
+    let out = tmp.path().join("run");
+    let mut cfg = run_cfg(&fixtures().join("tiny-gpt2"), &train, &out);
+    cfg.peft.use_peft = true;
+    cfg.peft.lora_r = 8;
+    cfg.args.max_steps = 3;
+    cfg.args.learning_rate = 1e-2;
+    let done = rlhf_train::dpo::train(&cfg).unwrap();
+    assert!(done.final_dir.join("adapter_model.safetensors").exists());
+    let m = logged(&out);
+    // At step 1 the adapters are zero: the policy is its reference, the loss ln 2.
+    assert!((m[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    assert_eq!(m[0]["rewards/margins"], 0.0);
+    assert!(m[2]["rewards/margins"] > 0.0, "{:?}", m[2]);
+}
+
+#[test]
+fn an_nf4_base_with_lora_trains_and_precomputes_its_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    common::head_jsonl("prefs_train.jsonl", 8, &train);
+    let out = tmp.path().join("run");
+    let mut cfg = run_cfg(&fixtures().join("families/tiny-llama"), &train, &out);
+    cfg.peft.use_peft = true;
+    cfg.peft.quant.load_in_4bit = true;
+    cfg.precompute_ref_log_probs = true;
+    cfg.args.max_steps = 3;
+    cfg.args.learning_rate = 1e-2;
+    rlhf_train::dpo::train(&cfg).unwrap();
+    let m = logged(&out);
+    assert!((m[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    assert!(m[2]["rewards/margins"] > 0.0, "{:?}", m[2]);
+}
+
+#[test]
+fn int8_base_with_lora_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    common::head_jsonl("prefs_train.jsonl", 8, &train);
+    let out = tmp.path().join("run");
+    let mut cfg = run_cfg(&fixtures().join("tiny-gpt2"), &train, &out);
+    cfg.peft.use_peft = true;
+    cfg.peft.quant.load_in_8bit = true;
+    cfg.args.max_steps = 2;
+    cfg.args.learning_rate = 1e-2;
+    rlhf_train::dpo::train(&cfg).unwrap();
+    let m = logged(&out);
+    assert!((m[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    assert!(m[1]["loss"].is_finite() && m[1]["rewards/margins"] != 0.0, "{:?}", m[1]);
+}
+
+#[test]
+fn a_resumed_dpo_run_reproduces_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.jsonl");
+    common::head_jsonl("prefs_train.jsonl", 12, &train);
+    let full = tmp.path().join("full");
+    let mut cfg = run_cfg(&fixtures().join("families/tiny-llama"), &train, &full);
+    cfg.args.max_steps = 6;
+    cfg.args.save_steps = 4;
+    cfg.args.learning_rate = 1e-3;
+    cfg.args.disable_dropout = false;
+    rlhf_train::dpo::train(&cfg).unwrap();
+    // A run directory that stopped after step 4: its checkpoint and metrics so far.
+    let part = tmp.path().join("part");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    copy(&full.join("checkpoint-4"), &part.join("checkpoint-4"));
+    let first: Vec<String> = std::fs::read_to_string(full.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(String::from)
+        .collect();
+    std::fs::write(part.join("metrics.jsonl"), first.join("\n") + "\n").unwrap();
+    std::fs::copy(full.join("config.toml"), part.join("config.toml")).unwrap();
+    let mut resumed = cfg.clone();
+    resumed.args.output_dir = part.display().to_string();
+    resumed.args.resume_from_checkpoint = Some("latest".into());
+    rlhf_train::dpo::train(&resumed).unwrap();
+    assert_eq!(logged(&part), logged(&full));
+    assert_eq!(weights(&part.join("final")), weights(&full.join("final")));
+}
+
+#[test]
+fn conversational_rows_train_through_the_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("chat.jsonl");
+    let msg = |role: &str, content: &str| serde_json::json!([{"role": role, "content": content}]);
+    let rows: String = std::fs::read_to_string(fixtures().join("data/prefs_train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            let text = |k: &str| r[k].as_str().unwrap().trim().to_string();
+            let row = serde_json::json!({
+                "prompt": msg("user", &text("prompt")),
+                "chosen": msg("assistant", &text("chosen")),
+                "rejected": msg("assistant", &text("rejected")),
+            });
+            format!("{row}\n")
+        })
+        .collect();
+    std::fs::write(&train, rows).unwrap();
+    let out = tmp.path().join("run");
+    let mut cfg = run_cfg(&fixtures().join("families/tiny-qwen2"), &train, &out);
+    cfg.args.max_steps = 2;
+    cfg.args.learning_rate = 1e-3;
+    rlhf_train::dpo::train(&cfg).unwrap();
+    let m = logged(&out);
+    assert!((m[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
+    assert!(m[1]["rewards/margins"] != 0.0 && m[1]["num_tokens"] == 2.0 * m[0]["num_tokens"]);
+}
