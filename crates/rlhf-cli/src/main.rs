@@ -1,6 +1,7 @@
 //! `rlhf`: reinforcement learning from human feedback, one binary.
 
 mod bench;
+mod bench_dpo;
 mod generate;
 mod merge;
 mod plot;
