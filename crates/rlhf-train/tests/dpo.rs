@@ -492,3 +492,35 @@ fn conversational_rows_train_through_the_chat_template() {
     assert!((m[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", m[0]);
     assert!(m[1]["rewards/margins"] != 0.0 && m[1]["num_tokens"] == 2.0 * m[0]["num_tokens"]);
 }
+
+#[test]
+fn bad_dpo_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-gpt2");
+    let cases: [(&str, &str, &str); 3] = [
+        (
+            "missing.jsonl",
+            "{\"prompt\": \"a\", \"chosen\": \"b\"}\n",
+            "`rejected`",
+        ),
+        (
+            "chat.jsonl",
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"a\"}], \"chosen\": [{\"role\": \"assistant\", \"content\": \"b\"}], \"rejected\": [{\"role\": \"assistant\", \"content\": \"c\"}]}\n",
+            "template",
+        ),
+        (
+            "long_prompts.jsonl",
+            "{\"prompt\": \"one two three four five six\", \"chosen\": \" b\", \"rejected\": \" c\"}\n",
+            "max_length",
+        ),
+    ];
+    for (file, text, want) in cases {
+        let path = tmp.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let mut cfg = run_cfg(&model, &path, &tmp.path().join(file).with_extension("run"));
+        cfg.max_length = Some(3);
+        cfg.args.max_steps = 1;
+        let e = rlhf_train::dpo::train(&cfg).err().expect("an error").to_string();
+        assert!(e.contains(want), "{file}: {e}");
+    }
+}
