@@ -524,3 +524,35 @@ fn bad_dpo_input_is_a_clear_error() {
         assert!(e.contains(want), "{file}: {e}");
     }
 }
+
+#[test]
+fn ten_train_steps_follow_trls_dpo_trajectory() {
+    // fixtures/algorithms/trajectory.json `dpo`: dpo.json's 4 rows, β 0.1, lr 1e-3 constant,
+    // 10 steps from the unchanged model; tolerance 1e-3 at step 2 growing to ~1e-2 by step 10.
+    let fx = load_json("dpo.json");
+    let traj = &load_json("trajectory.json")["dpo"];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = run_cfg(
+        &fixtures().join("tiny-gpt2"),
+        &rows_file(&fx, tmp.path()),
+        &tmp.path().join("run"),
+    );
+    cfg.max_length = DpoConfig::default().max_length;
+    cfg.args.learning_rate = traj["config"]["learning_rate"].as_f64().unwrap();
+    cfg.args.lr_scheduler_type = "constant".into();
+    cfg.args.max_steps = traj["config"]["max_steps"].as_i64().unwrap();
+    rlhf_train::dpo::train(&cfg).unwrap();
+    let got = logged(Path::new(&cfg.args.output_dir));
+    for (k, want) in traj["per_step"].as_object().unwrap() {
+        for (i, w) in nums(want).into_iter().enumerate() {
+            let g = got[i][k];
+            let tol = 1e-3 * (1.0 + i as f64);
+            let ok = if k == "rewards/accuracies" {
+                g == w
+            } else {
+                close(g, w, tol, 1e-3 * tol)
+            };
+            assert!(ok, "step {}: {k} = {g}, TRL {w}", i + 1);
+        }
+    }
+}
