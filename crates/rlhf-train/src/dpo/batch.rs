@@ -310,3 +310,35 @@ pub fn batch_loss(
         tokens,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn ex(p: &[u32], c: &[u32], r: &[u32]) -> PreferenceIds {
+        PreferenceIds {
+            prompt_ids: p.to_vec(),
+            chosen_ids: c.to_vec(),
+            rejected_ids: r.to_vec(),
+        }
+    }
+
+    #[test]
+    fn scored_positions_are_the_completion_tokens_shifted_by_one() {
+        let plan = crate::dpo_config::DpoConfig::default().plan(1).unwrap();
+        let (a, b) = (ex(&[1, 2, 3], &[4, 5], &[6]), ex(&[7, 8], &[9], &[10, 11]));
+        let packed = PackedBatch::new(&[&a, &b], 0, &plan).unwrap();
+        // Rows: [1 2 3 4 5], [7 8 9], [1 2 3 6], [7 8 10 11] packed end to end.
+        assert_eq!(packed.labels, [4, 5, 9, 6, 10, 11]);
+        assert_eq!(packed.selected, [2, 3, 6, 10, 13, 14]);
+        assert_eq!(packed.chosen_positions, 3);
+        let values = Tensor::new(&[1f32, 2., 3., 4., 5., 6.], &Device::Cpu).unwrap();
+        let spread = packed.spread(&values).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            spread,
+            [[0., 0., 1., 2.], [0., 3., 0., 0.], [0., 0., 4., 0.], [0., 5., 6., 0.]]
+        );
+        assert_eq!(packed.row_sums(&values).unwrap(), [3., 3., 4., 11.]);
+    }
+}
