@@ -37,6 +37,9 @@ pub enum Workload {
     GenerateQwen05b,
     /// One reward-model step on 8 pairs (max_length 128), SmolLM2-135M shape + score head.
     RewardSmollm,
+    /// One DPO step on 8 pairs (max_length 128, sigmoid, beta 0.1, frozen reference copy,
+    /// AdamW lr 1e-6), SmolLM2-135M shape.
+    DpoSmall,
 }
 
 /// The SmolLM2-135M shape (`WORKLOADS.md`): Llama, hidden 576, 30 layers, 9 heads, 3 kv
@@ -76,7 +79,7 @@ pub struct Args {
 }
 
 /// The dtype a workload reports.
-fn dtype_name() -> &'static str {
+pub(crate) fn dtype_name() -> &'static str {
     match rlhf_ops::precision::matmul_precision() {
         rlhf_ops::precision::MatmulPrecision::Bf16 => "f32+bf16-matmul",
         rlhf_ops::precision::MatmulPrecision::Highest => "f32",
@@ -93,6 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Workload::GenerateSmollm => generate("generate-smollm", smollm_shape()?, 16, 1, a.steps.unwrap_or(3)),
         Workload::GenerateQwen05b => generate("generate-qwen-0.5b", qwen05b_shape()?, 8, 1, a.steps.unwrap_or(2)),
         Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, 1, a.steps.unwrap_or(3)),
+        Workload::DpoSmall => crate::bench_dpo::dpo("dpo-small", smollm_shape()?, 1, a.steps.unwrap_or(3)),
         Workload::PpoTiny => ppo("ppo-tiny", ModelConfig::gpt2_tiny(), Adapt::Full, a.steps.unwrap_or(5)),
         Workload::PpoSmall => ppo(
             "ppo-small",
@@ -133,7 +137,7 @@ fn ranked(run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
 }
 
 /// Median, min and max of step times.
-fn stats(mut times: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn stats(mut times: Vec<f64>) -> (f64, f64, f64) {
     times.sort_by(f64::total_cmp);
     let n = times.len();
     let median = if n % 2 == 1 {
@@ -156,11 +160,15 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-fn time_steps(warmup: usize, steps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+pub(crate) fn time_steps(
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;
     }

@@ -1,6 +1,7 @@
 //! `rlhf`: reinforcement learning from human feedback, one binary.
 
 mod bench;
+mod bench_dpo;
 mod generate;
 mod merge;
 mod plot;
@@ -33,6 +34,9 @@ enum Command {
     Reward(train::Args),
     /// PPO with a value head and a KL-penalised reference (TRL 0.11 PPOTrainer).
     Ppo(train::Args),
+    /// Direct preference optimisation on preference pairs (TRL 1.16 DPOTrainer).
+    #[command(after_help = train::DPO_KEYS)]
+    Dpo(train::Args),
     /// Draw PNG charts of a run directory's metrics.jsonl into RUN_DIR/plots.
     Plot(plot::Args),
     /// Run a benchmark workload and print its timings as JSON.
@@ -119,6 +123,7 @@ fn main() -> std::process::ExitCode {
         Command::Reward(a) => train::reward(a),
         Command::Merge(a) => merge::run(a),
         Command::Ppo(a) => train::ppo(a),
+        Command::Dpo(a) => train::dpo(a),
         Command::Plot(a) => plot::run(a),
         Command::Quickstart(a) => quickstart::run(a),
     };

@@ -1,4 +1,4 @@
-//! `rlhf sft`, `rlhf reward` and `rlhf ppo`: a TOML config and/or `--key value` flags with
+//! `rlhf sft`, `rlhf reward`, `rlhf ppo` and `rlhf dpo`: a TOML config and/or `--key value` flags with
 //! TRL's names; Ctrl-C stops a run after its current step with a checkpoint ([`crate::stop`]).
 //! Under `mpirun` / `srun` (a build with the `mpi` feature) the run is one rank of a
 //! data-parallel job ([`rlhf_train::dist`], `docs/scaling.md`).
@@ -95,6 +95,55 @@ pub fn ppo(a: Args) -> anyhow::Result<()> {
     println!("policy saved to {}", out.final_dir.display());
     if let (Some(first), Some(last)) = (out.reward_means.first(), out.reward_means.last()) {
         println!("mean reward: first step {first:.4}, last step {last:.4}");
+    }
+    Ok(())
+}
+
+/// The keys of `rlhf dpo` (`--help`): TRL 1.16 `DPOConfig` names, defaults in brackets.
+pub const DPO_KEYS: &str = "\
+Keys (TOML or --flags; TRL 1.16 DPOConfig names, defaults in brackets):
+  --model-name-or-path DIR        the policy to train (a causal LM directory)
+  --ref-model-name-or-path DIR    the frozen reference [a copy of the policy; adapters disabled with --use-peft]
+  --train-file F / --eval-file F  preference rows prompt, chosen, rejected (JSONL, CSV, TSV, Parquet)
+  --dataset-name DIR              a directory with train.* and validation.*
+  --output-dir DIR                [runs/dpo]
+  --learning-rate X               [1e-6]
+  --beta X                        [0.1]
+  --loss-type NAME[,NAME..]       sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+                                  aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm [sigmoid]
+  --loss-weights X[,X..]          one per loss type [1.0 each]
+  --label-smoothing X             [0.0]        --discopop-tau X [0.05]
+  --max-length N                  [1024]       --truncation-mode keep_start|keep_end [keep_start]
+  --pad-to-multiple-of N          [none]
+  --precompute-ref-log-probs      [false]      --precompute-ref-batch-size N [per_device_eval_batch_size]
+  --per-device-train-batch-size N pairs per micro-batch [8]
+  --gradient-accumulation-steps N [1]          --max-steps N / --num-train-epochs X [3]
+  --lr-scheduler-type linear|constant [linear] --warmup-steps N / --warmup-ratio X
+  --max-grad-norm X [1.0]  --weight-decay X [0]  --seed N [42]  --bf16  --disable-dropout [true]
+  --logging-steps N [10]  --eval-strategy no|steps|epoch  --eval-steps N
+  --save-strategy no|steps|epoch  --save-steps N  --save-total-limit N  --resume-from-checkpoint DIR|latest
+  --use-peft --lora-r N [16] --lora-alpha X [32] --lora-dropout X [0.05] --lora-target-modules A,B
+  --load-in-8bit | --load-in-4bit  (with --use-peft)
+  --report-to tensorboard
+See docs/dpo.md.";
+
+pub fn dpo(a: Args) -> anyhow::Result<()> {
+    let (v, source, sources) = values(&a)?;
+    let cfg: rlhf_train::dpo::DpoConfig = resolve(&v, &source)?;
+    let stop = crate::stop::install()?;
+    let out = as_rank(|| rlhf_train::dpo::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    if !prints() {
+        return Ok(());
+    }
+    println!("policy saved to {}", out.final_dir.display());
+    if let Some(m) = out.eval {
+        let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+        println!(
+            "eval loss {:.4}  eval rewards/accuracies {:.4}  eval rewards/margins {:.4}",
+            get("loss"),
+            get("rewards/accuracies"),
+            get("rewards/margins")
+        );
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! a rank of the MPI job it was launched in (or alone), then writes what the test compares.
 //!
 //! `dp_check MODE OUT_DIR [--key value ...]`
-//! - MODE `reward` | `sft` | `ppo-run`: the library trainer, configured by the flags exactly
-//!   as `rlhf reward|sft|ppo` is;
+//! - MODE `reward` | `sft` | `dpo` | `ppo-run`: the library trainer, configured by the flags exactly
+//!   as `rlhf reward|sft|dpo|ppo` is;
 //! - MODE `ppo-fixed`: `PpoTrainer::step` on fixed synthetic rollouts (generation is out of
 //!   scope): `--batch-size` rollouts per rank, `--steps` steps, a policy from
 //!   `--model-name-or-path` with dropout off, a frozen copy as reference, whitening, score
@@ -65,6 +65,7 @@ fn run(args: &[String]) -> Result<()> {
     let model = match mode {
         "reward" => rlhf_train::reward::train(&config::resolve(&flags, "flags")?)?.model,
         "sft" => rlhf_train::sft::train(&config::resolve(&flags, "flags")?)?.model,
+        "dpo" => rlhf_train::dpo::train(&config::resolve(&flags, "flags")?)?.model,
         "ppo-run" => rlhf_train::ppo_run::train(&config::resolve(&flags, "flags")?)?.model,
         "ppo-fixed" => ppo_fixed(&flags, &mut extra)?,
         other => return Err(TrainError::Config(format!("unknown mode `{other}`"))),

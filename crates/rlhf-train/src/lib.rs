@@ -10,6 +10,7 @@ pub mod config;
 pub mod config_values;
 pub mod data;
 pub mod dist;
+pub mod dpo;
 pub mod dpo_config;
 pub mod error;
 pub mod grpo_config;

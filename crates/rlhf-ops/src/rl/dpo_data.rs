@@ -3,8 +3,8 @@
 //!
 //! 1. Standard (non-conversational) rows get the EOS appended **as text** to `chosen` and
 //!    `rejected` when missing ([`append_eos`]).
-//! 2. `prompt`, `prompt + chosen` and `prompt + rejected` are tokenized without special
-//!    tokens; the prompt is the shortest common prefix of the tokenized prompt with both
+//! 2. `prompt`, `prompt + chosen` and `prompt + rejected` are tokenized as `tokenizer(text)`
+//!    (special tokens added: Llama 3's BOS, none for GPT-2); the prompt is the shortest common prefix of the tokenized prompt with both
 //!    ([`split_preference`]), so a token merging across the boundary moves into the
 //!    completion.
 //! 3. With `truncation_mode = "keep_start"` and a `max_length`, rows whose prompt alone
