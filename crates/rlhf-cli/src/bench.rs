@@ -37,6 +37,14 @@ pub enum Workload {
     GenerateQwen05b,
     /// One reward-model step on 8 pairs (max_length 128), SmolLM2-135M shape + score head.
     RewardSmollm,
+    /// As `reward-smollm` on the Qwen2.5-0.5B shape with LoRA (r 16, alpha 32, q_proj and
+    /// v_proj, the score head trained in full): the memory of LoRA reward training at 0.5B.
+    #[value(name = "reward-qwen-0.5b-lora")]
+    RewardQwen05bLora,
+    /// As `ppo-tiny-lora` on the Qwen2.5-0.5B shape (LoRA on q_proj and v_proj): the memory
+    /// of LoRA PPO at 0.5B.
+    #[value(name = "ppo-qwen-0.5b-lora")]
+    PpoQwen05bLora,
     /// One DPO step on 8 pairs (max_length 128, sigmoid, beta 0.1, frozen reference copy,
     /// AdamW lr 1e-6), SmolLM2-135M shape.
     DpoSmall,
@@ -95,7 +103,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Workload::GenerateSmall => generate("generate-small", ModelConfig::gpt2_small(), 16, 1, a.steps.unwrap_or(5)),
         Workload::GenerateSmollm => generate("generate-smollm", smollm_shape()?, 16, 1, a.steps.unwrap_or(3)),
         Workload::GenerateQwen05b => generate("generate-qwen-0.5b", qwen05b_shape()?, 8, 1, a.steps.unwrap_or(2)),
-        Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, 1, a.steps.unwrap_or(3)),
+        Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, false, 1, a.steps.unwrap_or(3)),
+        Workload::RewardQwen05bLora => reward("reward-qwen-0.5b-lora", qwen05b_shape()?, true, 1, a.steps.unwrap_or(2)),
+        Workload::PpoQwen05bLora => ppo("ppo-qwen-0.5b-lora", qwen05b_shape()?, Adapt::Lora, a.steps.unwrap_or(1)),
         Workload::DpoSmall => crate::bench_dpo::dpo("dpo-small", smollm_shape()?, 1, a.steps.unwrap_or(3)),
         Workload::PpoTiny => ppo("ppo-tiny", ModelConfig::gpt2_tiny(), Adapt::Full, a.steps.unwrap_or(5)),
         Workload::PpoSmall => ppo(
@@ -116,8 +126,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Adapt::LoraInt8,
             a.steps.unwrap_or(3),
         ),
-        Workload::RewardTiny => ranked(|| reward("reward-tiny", ModelConfig::gpt2_tiny(), 3, a.steps.unwrap_or(20))),
-        Workload::RewardSmall => ranked(|| reward("reward-small", ModelConfig::gpt2_small(), 2, a.steps.unwrap_or(5))),
+        Workload::RewardTiny => ranked(|| reward("reward-tiny", ModelConfig::gpt2_tiny(), false, 3, a.steps.unwrap_or(20))),
+        Workload::RewardSmall => ranked(|| reward("reward-small", ModelConfig::gpt2_small(), false, 2, a.steps.unwrap_or(5))),
     }
 }
 
@@ -268,14 +278,24 @@ fn generate(name: &str, cfg: ModelConfig, batch: usize, warmup: usize, steps: us
 /// A reward-model training step as `RewardTrainer` runs it: 8 pairs in file order,
 /// tokenised with EOS, dropped if longer than 128; forward over [chosen; rejected],
 /// Bradley–Terry loss, backward, AdamW (lr 5e-4), dropout 0.1 as the config says.
-fn reward(name: &str, cfg: ModelConfig, warmup: usize, steps: usize) -> anyhow::Result<()> {
+fn reward(name: &str, cfg: ModelConfig, lora: bool, warmup: usize, steps: usize) -> anyhow::Result<()> {
     use rlhf_models::Fwd;
     use rlhf_train::optim::{AdamConfig, AdamW, Grads};
     use rlhf_train::reward::{pair_loss, Pair};
     let mut model = Model::random(cfg, 0, DType::F32, &Device::Cpu)?;
     model.set_tokenizer(rlhf_train::assets::gpt2_tokenizer()?);
     model.ensure_score_head(0)?;
-    model.set_trainable(true)?;
+    if lora {
+        let peft = rlhf_train::peft_args::PeftArgs {
+            use_peft: true,
+            ..Default::default()
+        };
+        if let Some(counts) = peft.apply(&mut model, "SEQ_CLS", 0)? {
+            eprintln!("{counts}");
+        }
+    } else {
+        model.set_trainable(true)?;
+    }
     let tok = model.tokenizer()?.clone();
     let enc = |p: &str, r: &str| -> anyhow::Result<Vec<u32>> {
         let mut ids = tok.encode(&format!("{p}{r}"))?;
