@@ -2,6 +2,8 @@
 //! excluded; prints one JSON line last (median, min, max seconds per step, throughput,
 //! peak RSS, threads, dtype).
 
+mod grpo;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,6 +39,11 @@ pub enum Workload {
     GenerateQwen05b,
     /// One reward-model step on 8 pairs (max_length 128), SmolLM2-135M shape + score head.
     RewardSmollm,
+    /// One GRPO step: 2 prompts × 8 completions of 64 tokens, distinct-words rule, dapo,
+    /// beta 0, SmolLM2-135M shape.
+    GrpoSmall,
+    /// As `grpo-small` with LoRA r 16, alpha 32 on q_proj,v_proj, beta 0.04.
+    GrpoSmallLora,
 }
 
 /// The SmolLM2-135M shape (`WORKLOADS.md`): Llama, hidden 576, 30 layers, 9 heads, 3 kv
@@ -93,6 +100,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Workload::GenerateSmollm => generate("generate-smollm", smollm_shape()?, 16, 1, a.steps.unwrap_or(3)),
         Workload::GenerateQwen05b => generate("generate-qwen-0.5b", qwen05b_shape()?, 8, 1, a.steps.unwrap_or(2)),
         Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, 1, a.steps.unwrap_or(3)),
+        Workload::GrpoSmall => grpo::grpo("grpo-small", false, a.steps.unwrap_or(2)),
+        Workload::GrpoSmallLora => grpo::grpo("grpo-small-lora", true, a.steps.unwrap_or(2)),
         Workload::PpoTiny => ppo("ppo-tiny", ModelConfig::gpt2_tiny(), Adapt::Full, a.steps.unwrap_or(5)),
         Workload::PpoSmall => ppo(
             "ppo-small",
