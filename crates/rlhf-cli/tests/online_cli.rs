@@ -16,7 +16,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn rlhf(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf")).args(args).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .output()
+        .expect("runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -45,7 +48,10 @@ fn help_lists_the_online_keys() {
         assert!(out.contains(key), "grpo --help lacks {key}:\n{out}");
     }
     let (ok, out, _) = rlhf(&["rloo", "--help"]);
-    assert!(ok && out.contains("--normalize-advantages") && out.contains("--reward-clip-range"), "{out}");
+    assert!(
+        ok && out.contains("--normalize-advantages") && out.contains("--reward-clip-range"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -117,7 +123,11 @@ fn rlhf_grpo_raises_a_rule_reward_on_prompts_it_never_saw() {
     let policy = Model::load(&model, &LoadOptions::default()).unwrap();
     let tok = policy.tokenizer().unwrap();
     let set = read_prompt_rows(&eval).unwrap();
-    let ids: Vec<Vec<u32>> = set.rows.iter().map(|r| tok.encode_special(&r.prompt, true).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = set
+        .rows
+        .iter()
+        .map(|r| tok.encode_special(&r.prompt, true).unwrap())
+        .collect();
     let mut funcs = RewardFuncs::from_args(&cfg.online.rewards, None, 12, &LoadOptions::default()).unwrap();
     let gen = plan.generation_config(policy.eos_token_ids(), tok.pad_token_id);
     let before = evaluate(&policy, &set.rows, &ids, &mut funcs, &plan, &gen, cfg.args.seed).unwrap()["reward"];

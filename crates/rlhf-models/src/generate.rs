@@ -156,10 +156,7 @@ pub fn generate_groups(
             rngs.len()
         )));
     }
-    let repeated: Vec<Vec<u32>> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.clone(), g))
-        .collect();
+    let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
     let format = match rlhf_ops::precision::matmul_precision() {
         MatmulPrecision::Bf16 => PackedFormat::Bf16,
         MatmulPrecision::Highest => PackedFormat::F32,

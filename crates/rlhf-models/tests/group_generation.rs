@@ -13,7 +13,11 @@ use rlhf_models::{generate, generate_groups, GenerationConfig, LoadOptions, Mode
 use rlhf_ops::rng::RngStream;
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![464, 3290, 318, 257], vec![15496], vec![40, 588, 4771, 13, 632, 318, 11]]
+    vec![
+        vec![464, 3290, 318, 257],
+        vec![15496],
+        vec![40, 588, 4771, 13, 632, 318, 11],
+    ]
 }
 
 fn sampling(model: &Model, n: usize) -> GenerationConfig {
@@ -39,16 +43,25 @@ fn check_rows_alone(model: &Model, prompts: &[Vec<u32>], g: usize, cfg: &Generat
         let p = &prompts[row / g];
         assert_eq!(&grouped.prompt_ids[row], p);
         let mut alone = streams(prompts.len() * g).swap_remove(row);
-        let want = generate_groups(model.backbone(), std::slice::from_ref(p), 1, cfg, std::slice::from_mut(&mut alone))
-            .unwrap()
-            .response_ids
-            .remove(0);
+        let want = generate_groups(
+            model.backbone(),
+            std::slice::from_ref(p),
+            1,
+            cfg,
+            std::slice::from_mut(&mut alone),
+        )
+        .unwrap()
+        .response_ids
+        .remove(0);
         assert_eq!(got, &want, "row {row}");
         // The group's streams were used: the group's stream positions advanced alike.
         assert_eq!(rngs[row], alone, "row {row}: stream position");
         distinct.insert(got.clone());
     }
-    assert!(distinct.len() > prompts.len(), "sampling gave identical completions within groups");
+    assert!(
+        distinct.len() > prompts.len(),
+        "sampling gave identical completions within groups"
+    );
 }
 
 #[test]

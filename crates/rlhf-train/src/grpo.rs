@@ -122,8 +122,16 @@ pub fn micro_loss(
     let dev = policy.device();
     let x = buf.tensors(rows, dev)?;
     let (logps, entropy) = completion_logps(policy, &x, plan.online.temperature, fwd)?;
-    let old = buf.old_logps.as_ref().map(|t| Buffer::rows_of(t, rows, dev)).transpose()?;
-    let reference = buf.ref_logps.as_ref().map(|t| Buffer::rows_of(t, rows, dev)).transpose()?;
+    let old = buf
+        .old_logps
+        .as_ref()
+        .map(|t| Buffer::rows_of(t, rows, dev))
+        .transpose()?;
+    let reference = buf
+        .ref_logps
+        .as_ref()
+        .map(|t| Buffer::rows_of(t, rows, dev))
+        .transpose()?;
     let advantages = buf.advantages_of(rows, dev)?;
     let cfg = GrpoLossConfig {
         gradient_accumulation_steps: ga,

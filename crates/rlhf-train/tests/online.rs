@@ -36,7 +36,11 @@ fn held_out_reward(model: &Model, online: &OnlineArgs, args: &TrainingArgs, file
     let plan = online.plan(args, 1, "test").unwrap();
     let set = read_prompt_rows(file).unwrap();
     let tok = model.tokenizer().unwrap();
-    let ids: Vec<Vec<u32>> = set.rows.iter().map(|r| tok.encode_special(&r.prompt, true).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = set
+        .rows
+        .iter()
+        .map(|r| tok.encode_special(&r.prompt, true).unwrap())
+        .collect();
     let mut funcs = RewardFuncs::from_args(
         &online.rewards,
         online.reward_weights.as_deref(),
@@ -166,7 +170,14 @@ fn a_grpo_run_resumed_inside_a_generation_batch_continues_exactly() {
     let (a, b) = (w(&part), w(&full));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, t) in &a {
-        let d = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (t - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{k}");
     }
 }

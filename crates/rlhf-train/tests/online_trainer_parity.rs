@@ -69,13 +69,22 @@ fn set_state(m: &mut Model, state: &str) {
     let states = load("model_states");
     let s = &states["states"][state];
     let vec = |k: &str| -> candle_core::Tensor {
-        let v: Vec<f32> = s[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let v: Vec<f32> = s[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let n = v.len();
         candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap()
     };
     let norm = &mut m.backbone_mut().norm;
     norm.weight.assign(&vec("transformer.ln_f.weight")).unwrap();
-    norm.bias.as_mut().unwrap().assign(&vec("transformer.ln_f.bias")).unwrap();
+    norm.bias
+        .as_mut()
+        .unwrap()
+        .assign(&vec("transformer.ln_f.bias"))
+        .unwrap();
 }
 
 /// Loss value, gradient norm and the loss metrics of micro-batch `0..B` (one micro-batch,
@@ -188,7 +197,11 @@ fn the_grpo_trainer_path_matches_trl_on_every_case() {
         let (loss, grad_norm, m) = loss_and_grad(&policy, &buf, |p, b, r, fwd| {
             rlhf_train::grpo::micro_loss(p, &plan, b, r, 1, fwd).unwrap()
         });
-        assert!(close(loss, num(&case["loss"]), 1e-4, 1e-6), "{id}: loss {loss}, TRL {}", case["loss"]);
+        assert!(
+            close(loss, num(&case["loss"]), 1e-4, 1e-6),
+            "{id}: loss {loss}, TRL {}",
+            case["loss"]
+        );
         metrics.extend(m);
         metrics.insert("loss".into(), loss);
         metrics.insert("grad_norm".into(), grad_norm);
@@ -249,7 +262,12 @@ fn the_rloo_trainer_path_matches_trl_on_every_case() {
         let mtc = cfg.online.mask_truncated_completions;
         let (buf, mut metrics) =
             rlhf_train::rloo::prepare(&policy, &reference, &plan, &rollout, &rewards, 0.0, mtc).unwrap();
-        for (i, (a, w)) in buf.advantages.iter().zip(case["advantages"].as_array().unwrap()).enumerate() {
+        for (i, (a, w)) in buf
+            .advantages
+            .iter()
+            .zip(case["advantages"].as_array().unwrap())
+            .enumerate()
+        {
             assert!((a - num(w)).abs() <= 1e-5, "{id}: advantage {i} = {a}, TRL {w}");
         }
         if off_policy {
@@ -260,7 +278,11 @@ fn the_rloo_trainer_path_matches_trl_on_every_case() {
         });
         // The ratio is exp of a difference of sums of 8 f32 log-probs (~ -80): their
         // rounding (~5e-6) survives in a loss that is a near-cancelling mean of ±A·ratio.
-        assert!(close(loss, num(&case["loss"]), 1e-4, 1e-5), "{id}: loss {loss}, TRL {}", case["loss"]);
+        assert!(
+            close(loss, num(&case["loss"]), 1e-4, 1e-5),
+            "{id}: loss {loss}, TRL {}",
+            case["loss"]
+        );
         metrics.extend(m);
         metrics.insert("loss".into(), loss);
         metrics.insert("grad_norm".into(), grad_norm);

@@ -40,7 +40,11 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
         model.set_trainable(true)?;
     }
     let plan = cfg.plan(1)?;
-    let reference = if lora { Reference::AdaptersDisabled } else { Reference::None };
+    let reference = if lora {
+        Reference::AdaptersDisabled
+    } else {
+        Reference::None
+    };
     let mut funcs = RewardFuncs::from_args(&cfg.online.rewards, None, 64, &LoadOptions::default())?;
     // Exactly 64 new tokens: no EOS stops a row.
     let gen = rlhf_models::GenerationConfig {

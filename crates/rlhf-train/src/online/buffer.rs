@@ -93,7 +93,11 @@ impl Buffer {
                     .collect(),
                 prompt_mask: prompts
                     .iter()
-                    .map(|r| std::iter::repeat_n(0, p - r.len()).chain(std::iter::repeat_n(1, r.len())).collect())
+                    .map(|r| {
+                        std::iter::repeat_n(0, p - r.len())
+                            .chain(std::iter::repeat_n(1, r.len()))
+                            .collect()
+                    })
                     .collect(),
                 completion_ids,
                 completion_mask,
@@ -168,7 +172,13 @@ impl Buffer {
     /// Per-token log-probs `(B, C)` of every row without gradients, in chunks of `chunk`
     /// rows (TRL scores the buffer in micro-batches); `adapters = false` is the reference
     /// of a LoRA policy.
-    pub fn logps_no_grad(&self, model: &Model, temperature: f64, chunk: usize, adapters: bool) -> Result<Vec<Vec<f32>>> {
+    pub fn logps_no_grad(
+        &self,
+        model: &Model,
+        temperature: f64,
+        chunk: usize,
+        adapters: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(self.len());
         let all: Vec<usize> = (0..self.len()).collect();
         for rows in all.chunks(chunk.max(1)) {

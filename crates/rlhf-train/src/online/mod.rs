@@ -27,7 +27,13 @@ pub enum Reference<'a> {
 impl Reference<'_> {
     /// Per-token reference log-probs `(B, C)` of the buffer's completions, or `None`
     /// without a reference.
-    pub fn logps(&self, policy: &Model, buffer: &Buffer, temperature: f64, chunk: usize) -> Result<Option<Vec<Vec<f32>>>> {
+    pub fn logps(
+        &self,
+        policy: &Model,
+        buffer: &Buffer,
+        temperature: f64,
+        chunk: usize,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
         Ok(match self {
             Self::None => None,
             Self::AdaptersDisabled => Some(buffer.logps_no_grad(policy, temperature, chunk, false)?),

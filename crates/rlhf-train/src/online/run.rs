@@ -169,7 +169,12 @@ fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) ->
 }
 
 /// Runs an online algorithm (`cfg` is the whole config, written to the run's `config.toml`).
-pub fn train_online<C: Serialize>(cfg: &C, job: &Job<'_>, algo: Algorithm<'_>, stop: &StopSignal) -> Result<OnlineOutcome> {
+pub fn train_online<C: Serialize>(
+    cfg: &C,
+    job: &Job<'_>,
+    algo: Algorithm<'_>,
+    stop: &StopSignal,
+) -> Result<OnlineOutcome> {
     let args = job.args;
     let _precision = rlhf_ops::precision::PrecisionGuard::for_run(args.bf16);
     if crate::dist::world().size() > 1 {
@@ -226,7 +231,10 @@ pub fn train_online<C: Serialize>(cfg: &C, job: &Job<'_>, algo: Algorithm<'_>, s
     if let Some(ckpt) = &resume {
         lp.resume(ckpt)?;
         let p = ckpt.join("online_state.json");
-        let text = std::fs::read_to_string(&p).map_err(|source| TrainError::Io { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(&p).map_err(|source| TrainError::Io {
+            path: p.clone(),
+            source,
+        })?;
         state = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
     }
     lp.println(format!(
@@ -264,15 +272,28 @@ pub fn train_online<C: Serialize>(cfg: &C, job: &Job<'_>, algo: Algorithm<'_>, s
             );
             if within == 0 || state.buffer.is_none() {
                 let (buf, m) = new_generation(
-                    &model, &reference, algo, &plan, &train, &mut funcs, &gen_cfg, generation, &length, args,
-                    (mtc, job.online.shuffle_dataset), state.num_tokens_seen,
+                    &model,
+                    &reference,
+                    algo,
+                    &plan,
+                    &train,
+                    &mut funcs,
+                    &gen_cfg,
+                    generation,
+                    &length,
+                    args,
+                    (mtc, job.online.shuffle_dataset),
+                    state.num_tokens_seen,
                 )?;
                 state.num_tokens_seen = m.get("num_tokens").copied().unwrap_or(state.num_tokens_seen);
                 rewards.push(m.get("reward").copied().unwrap_or(f64::NAN));
                 state.log.extend(&m);
                 state.buffer = Some(buf);
             }
-            let buf = state.buffer.as_ref().expect("invariant: a generation batch was just buffered");
+            let buf = state
+                .buffer
+                .as_ref()
+                .expect("invariant: a generation batch was just buffered");
             let rows = buf.slice_rows(within as usize % plan.steps_per_generation, bs);
             let mut rng = lp.dropout_rng();
             let sink = GradSink::new();
@@ -300,7 +321,12 @@ pub fn train_online<C: Serialize>(cfg: &C, job: &Job<'_>, algo: Algorithm<'_>, s
         let logs = next.is_multiple_of(args.logging_steps) || next >= lp.total_steps;
         let window = (lp.state.accum_steps + 1) as f64;
         let pass: Metrics = if logs {
-            state.log.take_means().into_iter().map(|(k, v)| (k, v * window)).collect()
+            state
+                .log
+                .take_means()
+                .into_iter()
+                .map(|(k, v)| (k, v * window))
+                .collect()
         } else {
             Metrics::new()
         };
