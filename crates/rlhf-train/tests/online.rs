@@ -58,9 +58,11 @@ fn load(dir: &Path) -> Model {
 
 /// A small, fast GRPO run: 2 prompts × 8 completions per step, constant learning rate.
 fn grpo_cfg(model: &Path, train: &Path, out: &Path, steps: i64, lr: f64) -> GrpoConfig {
-    let mut c = GrpoConfig::default();
-    c.model_name_or_path = model.display().to_string();
-    c.train_file = Some(train.display().to_string());
+    let mut c = GrpoConfig {
+        model_name_or_path: model.display().to_string(),
+        train_file: Some(train.display().to_string()),
+        ..GrpoConfig::default()
+    };
     c.online.num_generations = 8;
     c.online.max_completion_length = 12;
     c.args.per_device_train_batch_size = 16;
@@ -111,9 +113,11 @@ fn rloo_raises_a_length_reward_on_held_out_prompts_on_llama() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, eval) = split_prompts(tmp.path(), 150, 40);
     let model = fixtures().join("families/tiny-llama");
-    let mut c = RlooConfig::default();
-    c.model_name_or_path = model.display().to_string();
-    c.train_file = Some(train.display().to_string());
+    let mut c = RlooConfig {
+        model_name_or_path: model.display().to_string(),
+        train_file: Some(train.display().to_string()),
+        ..RlooConfig::default()
+    };
     c.online.num_generations = 8;
     c.online.max_completion_length = 16;
     c.online.rewards.reward_funcs = vec!["length_target".into()];
