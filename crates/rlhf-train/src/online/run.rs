@@ -249,8 +249,17 @@ pub fn train_online<C: Serialize>(
     ));
 
     // 2. the loop
-    let ga = args.gradient_accumulation_steps;
-    let mtc = job.online.mask_truncated_completions;
+    let ctx = Step {
+        model: &model,
+        reference: &reference,
+        algo,
+        plan: &plan,
+        train: &train,
+        gen_cfg: &gen_cfg,
+        length: &length,
+        args,
+        job,
+    };
     let mut rewards = Vec::new();
     let mut last_eval = None;
     while !lp.done() {
@@ -259,85 +268,27 @@ pub fn train_online<C: Serialize>(
             save(&mut lp, &model, &state)?;
         }
         lp.stop_if_requested(&model, stop)?;
-        let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
-        let var_refs: Vec<_> = vars.iter().collect();
-        let mut grads = Grads::new(vars.len());
-        let mut loss_sum = 0.0;
-        let mut samples = 0;
-        for k in 0..ga {
-            let micro = step * ga as u64 + k as u64;
-            let (generation, within) = (
-                micro / plan.micro_steps_per_generation as u64,
-                micro % plan.micro_steps_per_generation as u64,
-            );
-            if within == 0 || state.buffer.is_none() {
-                let (buf, m) = new_generation(
-                    &model,
-                    &reference,
-                    algo,
-                    &plan,
-                    &train,
-                    &mut funcs,
-                    &gen_cfg,
-                    generation,
-                    &length,
-                    args,
-                    (mtc, job.online.shuffle_dataset),
-                    state.num_tokens_seen,
-                )?;
-                state.num_tokens_seen = m.get("num_tokens").copied().unwrap_or(state.num_tokens_seen);
-                rewards.push(m.get("reward").copied().unwrap_or(f64::NAN));
-                state.log.extend(&m);
-                state.buffer = Some(buf);
-            }
-            let buf = state
-                .buffer
-                .as_ref()
-                .expect("invariant: a generation batch was just buffered");
-            let rows = buf.slice_rows(within as usize % plan.steps_per_generation, bs);
-            let mut rng = lp.dropout_rng();
-            let sink = GradSink::new();
-            let mut fwd = rlhf_models::Fwd::train(&mut rng).with_sink(&sink);
-            let (loss, m) = algo.micro_loss(&model, buf, &rows, ga, &mut fwd)?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(TrainError::Diverged(format!(
-                    "step {}: the {} loss is {value}\nhint: lower the learning rate, or check the rewards",
-                    step + 1,
-                    job.name
-                )));
-            }
-            grads.add(&var_refs, &loss.backward()?)?;
-            grads.add_sink(&var_refs, sink.take())?;
-            lp.set_dropout_rng(&rng);
-            state.log.extend(&m);
-            loss_sum += value;
-            samples += rows.len();
-        }
-        state.log.push("loss", loss_sum);
-        // TrainLoop divides what it accumulated by the steps of the logging window: hand it
-        // TRL's means, scaled, on the step that logs (and nothing before).
+        let (grads, samples) = ctx.gradients(&mut lp, &mut state, &mut funcs, &mut rewards)?;
+        // 3. the optimizer step. TrainLoop divides what it accumulated by the steps of the
+        // logging window: hand it TRL's means, scaled, on the step that logs (none before).
         let next = step + 1;
         let logs = next.is_multiple_of(args.logging_steps) || next >= lp.total_steps;
         let window = (lp.state.accum_steps + 1) as f64;
-        let pass: Metrics = if logs {
-            state
+        let pass: Metrics = match logs {
+            true => state
                 .log
                 .take_means()
                 .into_iter()
                 .map(|(k, v)| (k, v * window))
-                .collect()
-        } else {
-            Metrics::new()
+                .collect(),
+            false => Metrics::new(),
         };
         let report = lp.apply(grads, &pass, samples)?;
-        // 4. evaluation
-        if report.evaluate {
-            if let Some(e) = &eval {
-                let m = evaluate(&model, &e.set.rows, &e.ids, &mut funcs, &plan, &gen_cfg, args.seed)?;
-                lp.log_eval(&m)?;
-                last_eval = Some(m);
-            }
+        // 4. evaluation and checkpoints
+        if let (true, Some(e)) = (report.evaluate, &eval) {
+            let m = evaluate(&model, &e.set.rows, &e.ids, &mut funcs, &plan, &gen_cfg, args.seed)?;
+            lp.log_eval(&m)?;
+            last_eval = Some(m);
         }
         if report.save {
             save(&mut lp, &model, &state)?;
@@ -352,45 +303,114 @@ pub fn train_online<C: Serialize>(
     })
 }
 
-/// Generates, scores and prepares generation batch `generation`: its prompts are the
-/// next `prompts_per_generation` of the epoch's permutation (`seed + epoch`, as TRL's
-/// `RepeatSampler`; the file order without `shuffle_dataset`).
-#[allow(clippy::too_many_arguments)]
-fn new_generation(
-    model: &Model,
-    reference: &Reference<'_>,
-    algo: Algorithm<'_>,
-    plan: &OnlinePlan,
-    train: &Prompts,
-    funcs: &mut RewardFuncs,
-    gen_cfg: &GenerationConfig,
-    generation: u64,
-    length: &crate::online_config::RunLength,
-    args: &TrainingArgs,
-    (mtc, shuffle): (bool, bool),
-    num_tokens_seen: f64,
-) -> Result<(Buffer, Metrics)> {
-    let per_epoch = length.generations_per_epoch as u64;
-    let (epoch, pos) = ((generation / per_epoch), (generation % per_epoch) as usize);
-    let n = train.ids.len();
-    let order = if shuffle {
-        permutation(n, args.seed.wrapping_add(epoch))
-    } else {
-        (0..n).collect()
-    };
-    let ppg = plan.prompts_per_generation;
-    let idx = &order[pos * ppg..(pos + 1) * ppg];
-    let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| train.ids[i].clone()).collect();
-    let rows: Vec<&PromptRow> = idx.iter().map(|&i| &train.set.rows[i]).collect();
-    let g = plan.num_generations;
-    let mut streams = completion_streams(args.seed, generation, ppg * g);
-    let rollout = generate(model, &prompts, g, &Sampler::Policy(gen_cfg), &mut streams)?;
-    let rewards = score(funcs, &rows, g, &rollout)?;
-    let (mut buf, m) = algo.prepare(model, reference, &rollout, &rewards, num_tokens_seen, mtc)?;
-    if plan.steps_per_generation > 1 {
-        buf.order = permutation(buf.len(), args.seed ^ generation.wrapping_mul(0x9E37_79B9));
+/// What every optimizer step of a run reads.
+struct Step<'a> {
+    model: &'a Model,
+    reference: &'a Reference<'a>,
+    algo: Algorithm<'a>,
+    plan: &'a OnlinePlan,
+    train: &'a Prompts,
+    gen_cfg: &'a GenerationConfig,
+    length: &'a crate::online_config::RunLength,
+    args: &'a TrainingArgs,
+    job: &'a Job<'a>,
+}
+
+impl Step<'_> {
+    /// The summed gradients of the next optimizer step's `gradient_accumulation_steps`
+    /// micro-batches (generating a new batch when the buffered one is used up), and the
+    /// completions they held. Micro-step `m = step · GA + k` reads generation batch
+    /// `m / micro_steps_per_generation`, micro-batch `(m mod micro_steps_per_generation)
+    /// mod steps_per_generation` of it.
+    fn gradients(
+        &self,
+        lp: &mut TrainLoop,
+        state: &mut OnlineState,
+        funcs: &mut RewardFuncs,
+        rewards: &mut Vec<f64>,
+    ) -> Result<(Grads, usize)> {
+        let (plan, ga) = (self.plan, self.args.gradient_accumulation_steps);
+        let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
+        let var_refs: Vec<_> = vars.iter().collect();
+        let mut grads = Grads::new(vars.len());
+        let (mut loss_sum, mut samples) = (0.0, 0);
+        let step = lp.state.global_step;
+        for k in 0..ga as u64 {
+            let micro = step * ga as u64 + k;
+            let per_generation = plan.micro_steps_per_generation as u64;
+            let (generation, within) = (micro / per_generation, micro % per_generation);
+            if within == 0 || state.buffer.is_none() {
+                let (buf, m) = self.new_generation(generation, funcs, state.num_tokens_seen)?;
+                state.num_tokens_seen = m.get("num_tokens").copied().unwrap_or(state.num_tokens_seen);
+                rewards.push(m.get("reward").copied().unwrap_or(f64::NAN));
+                state.log.extend(&m);
+                state.buffer = Some(buf);
+            }
+            let buf = state
+                .buffer
+                .as_ref()
+                .expect("invariant: a generation batch is buffered");
+            let rows = buf.slice_rows(
+                within as usize % plan.steps_per_generation,
+                plan.per_device_train_batch_size,
+            );
+            let mut rng = lp.dropout_rng();
+            let sink = GradSink::new();
+            let mut fwd = rlhf_models::Fwd::train(&mut rng).with_sink(&sink);
+            let (loss, m) = self.algo.micro_loss(self.model, buf, &rows, ga, &mut fwd)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(TrainError::Diverged(format!(
+                    "step {}: the {} loss is {value}\nhint: lower the learning rate, or check the rewards",
+                    step + 1,
+                    self.job.name
+                )));
+            }
+            grads.add(&var_refs, &loss.backward()?)?;
+            grads.add_sink(&var_refs, sink.take())?;
+            lp.set_dropout_rng(&rng);
+            state.log.extend(&m);
+            loss_sum += value;
+            samples += rows.len();
+        }
+        state.log.push("loss", loss_sum);
+        Ok((grads, samples))
     }
-    Ok((buf, m))
+
+    /// Generates, scores and prepares generation batch `generation`: its prompts are the
+    /// next `prompts_per_generation` of the epoch's permutation (`seed + epoch`, as TRL's
+    /// `RepeatSampler`; the file order without `shuffle_dataset`).
+    fn new_generation(
+        &self,
+        generation: u64,
+        funcs: &mut RewardFuncs,
+        num_tokens_seen: f64,
+    ) -> Result<(Buffer, Metrics)> {
+        let (plan, args, train) = (self.plan, self.args, self.train);
+        let per_epoch = self.length.generations_per_epoch as u64;
+        let (epoch, pos) = (generation / per_epoch, (generation % per_epoch) as usize);
+        let n = train.ids.len();
+        let order = match self.job.online.shuffle_dataset {
+            true => permutation(n, args.seed.wrapping_add(epoch)),
+            false => (0..n).collect(),
+        };
+        let ppg = plan.prompts_per_generation;
+        let idx = &order[pos * ppg..(pos + 1) * ppg];
+        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| train.ids[i].clone()).collect();
+        let rows: Vec<&PromptRow> = idx.iter().map(|&i| &train.set.rows[i]).collect();
+        let g = plan.num_generations;
+        let mut streams = completion_streams(args.seed, generation, ppg * g);
+        let rollout = generate(self.model, &prompts, g, &Sampler::Policy(self.gen_cfg), &mut streams)?;
+        let rewards = score(funcs, &rows, g, &rollout)?;
+        let mtc = self.job.online.mask_truncated_completions;
+        let (mut buf, m) = self
+            .algo
+            .prepare(self.model, self.reference, &rollout, &rewards, num_tokens_seen, mtc)?;
+        if plan.steps_per_generation > 1 {
+            buf.order = permutation(buf.len(), args.seed ^ generation.wrapping_mul(0x9E37_79B9));
+        }
+        Ok((buf, m))
+    }
 }
 
 /// Writes `checkpoint-<step>/` with the run's online state.
