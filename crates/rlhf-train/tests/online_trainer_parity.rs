@@ -18,7 +18,7 @@ use rlhf_train::grpo_config::GrpoConfig;
 use rlhf_train::online::buffer::Buffer;
 use rlhf_train::online::rollout::{generate, Sampler};
 use rlhf_train::online::Reference;
-use rlhf_train::optim::Grads;
+use rlhf_train::optim::{AdamConfig, AdamW, Grads};
 use rlhf_train::rloo_config::RlooConfig;
 use rlhf_train::trainer::trainable_params;
 use serde_json::Value;
@@ -94,6 +94,16 @@ fn loss_and_grad(
     buf: &Buffer,
     f: impl Fn(&Model, &Buffer, &[usize], &mut Fwd) -> (candle_core::Tensor, BTreeMap<String, f64>),
 ) -> (f64, f64, BTreeMap<String, f64>) {
+    let (loss, norm, metrics, _) = loss_and_grads(policy, buf, f);
+    (loss, norm, metrics)
+}
+
+/// [`loss_and_grad`] and the gradients.
+fn loss_and_grads(
+    policy: &Model,
+    buf: &Buffer,
+    f: impl Fn(&Model, &Buffer, &[usize], &mut Fwd) -> (candle_core::Tensor, BTreeMap<String, f64>),
+) -> (f64, f64, BTreeMap<String, f64>, Grads) {
     let params = trainable_params(policy);
     let vars: Vec<_> = params.iter().map(|(_, v)| v).collect();
     let sink = GradSink::new();
@@ -103,7 +113,8 @@ fn loss_and_grad(
     let mut grads = Grads::new(vars.len());
     grads.add(&vars, &loss.backward().unwrap()).unwrap();
     grads.add_sink(&vars, sink.take()).unwrap();
-    (loss.to_scalar::<f32>().unwrap() as f64, grads.norm(), metrics)
+    let norm = grads.norm();
+    (loss.to_scalar::<f32>().unwrap() as f64, norm, metrics, grads)
 }
 
 fn check_logged(id: &str, got: &BTreeMap<String, f64>, logged: &Value) {
@@ -290,4 +301,100 @@ fn the_rloo_trainer_path_matches_trl_on_every_case() {
         checked += 1;
     }
     assert_eq!(checked, 20);
+}
+
+/// Two optimizer steps on one generation batch (`num_iterations = 2`, AdamW lr 1e-3,
+/// constant schedule, clipping at 1.0) from the unchanged model, policy = reference: the
+/// fixture's `e2e_train` log of `Trainer.train()` (generation metrics on step 1 only).
+fn two_steps(
+    name: &str,
+    rollout_and_prepare: impl Fn(&Model, &Model) -> (Buffer, BTreeMap<String, f64>),
+    loss: impl Fn(&Model, &Buffer, &[usize], &mut Fwd) -> (candle_core::Tensor, BTreeMap<String, f64>) + Copy,
+) {
+    let fx = load(name);
+    let log = fx["e2e_train"]["log_history"].as_array().unwrap();
+    let (policy, reference) = (tiny("ref"), tiny("ref"));
+    let (buf, gen_metrics) = rollout_and_prepare(&policy, &reference);
+    let params = trainable_params(&policy);
+    let mut opt = AdamW::new(params, AdamConfig::default());
+    for (k, want) in log[..2].iter().enumerate() {
+        let (value, norm, m, mut grads) = loss_and_grads(&policy, &buf, loss);
+        grads.clip(1.0);
+        opt.step(&grads, 1e-3).unwrap();
+        let mut metrics = if k == 0 { gen_metrics.clone() } else { BTreeMap::new() };
+        metrics.extend(m);
+        metrics.insert("loss".into(), value);
+        metrics.insert("grad_norm".into(), norm);
+        check_logged(&format!("{name} e2e step {}", k + 1), &metrics, want);
+    }
+}
+
+#[test]
+fn two_grpo_steps_on_one_buffered_batch_match_trl_train() {
+    let fx = load("grpo");
+    let batch = &fx["batch"];
+    let g = 4;
+    let unpadded = ids(&batch["prompt_ids_unpadded"]);
+    let prompts: Vec<Vec<u32>> = unpadded.iter().step_by(g).cloned().collect();
+    let width = batch["prompt_ids"][0].as_array().unwrap().len();
+    let generated: Vec<Vec<u32>> = ids(&batch["generate_output_ids"])
+        .into_iter()
+        .map(|r| r[width..].to_vec())
+        .collect();
+    let rewards = rows(&batch["rewards_per_func"]);
+    let mut cfg = GrpoConfig::default();
+    cfg.online.rewards.reward_funcs = vec!["distinct_words".into(), "think_format_reward".into()];
+    cfg.online.reward_weights = Some(vec![1.0, 0.5]);
+    cfg.online.num_generations = g;
+    cfg.online.max_completion_length = 8;
+    cfg.args.per_device_train_batch_size = 8;
+    cfg.beta = 0.04;
+    cfg.online.num_iterations = 2;
+    cfg.online.epsilon_high = Some(0.28);
+    let mut plan = cfg.plan(1).unwrap();
+    plan.online.reward_names = vec!["table_reward".into(), "eos_length_reward".into()];
+    assert!(rlhf_train::grpo::needs_old_logps(&plan));
+    two_steps(
+        "grpo",
+        |policy, reference| {
+            let rollout = generate(policy, &prompts, g, &Sampler::Fixed(&generated), &mut []).unwrap();
+            let r = Reference::Frozen(reference);
+            rlhf_train::grpo::prepare(policy, &r, &plan, &rollout, &rewards, 0.0, false).unwrap()
+        },
+        |p, b, r, fwd| rlhf_train::grpo::micro_loss(p, &plan, b, r, 1, fwd).unwrap(),
+    );
+}
+
+#[test]
+fn two_rloo_steps_on_one_buffered_batch_match_trl_train() {
+    let fx = load("rloo");
+    let batch = &fx["batches"][fx["e2e_train"]["batch"].as_str().unwrap()];
+    let g = 4;
+    let mask = ids(&batch["prompt_mask"]);
+    let unpadded: Vec<Vec<u32>> = ids(&batch["prompt_ids"])
+        .iter()
+        .zip(&mask)
+        .map(|(p, m)| p.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect())
+        .collect();
+    let prompts: Vec<Vec<u32>> = unpadded.iter().step_by(g).cloned().collect();
+    let completions = ids(&batch["completion_ids"]);
+    let rewards = rows(&batch["rewards_per_func"]);
+    let mut cfg = RlooConfig::default();
+    cfg.online.rewards.reward_funcs = vec!["distinct_words".into(), "think_format_reward".into()];
+    cfg.online.reward_weights = Some(vec![1.0, 0.5]);
+    cfg.online.num_generations = g;
+    cfg.online.max_completion_length = 8;
+    cfg.args.per_device_train_batch_size = completions.len();
+    cfg.online.num_iterations = 2;
+    let mut plan = cfg.plan(1).unwrap();
+    plan.online.reward_names = vec!["table_reward".into(), "eos_length_reward".into()];
+    two_steps(
+        "rloo",
+        |policy, reference| {
+            let rollout = generate(policy, &prompts, g, &Sampler::Fixed(&completions), &mut []).unwrap();
+            let r = Reference::Frozen(reference);
+            rlhf_train::rloo::prepare(policy, &r, &plan, &rollout, &rewards, 0.0, false).unwrap()
+        },
+        |p, b, r, fwd| rlhf_train::rloo::micro_loss(p, &plan, b, r, 1, fwd).unwrap(),
+    );
 }
