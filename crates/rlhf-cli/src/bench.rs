@@ -2,6 +2,8 @@
 //! excluded; prints one JSON line last (median, min, max seconds per step, throughput,
 //! peak RSS, threads, dtype).
 
+mod grpo;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -48,6 +50,11 @@ pub enum Workload {
     /// One DPO step on 8 pairs (max_length 128, sigmoid, beta 0.1, frozen reference copy,
     /// AdamW lr 1e-6), SmolLM2-135M shape.
     DpoSmall,
+    /// One GRPO step: 2 prompts × 8 completions of 64 tokens, distinct-words rule, dapo,
+    /// beta 0, SmolLM2-135M shape.
+    GrpoSmall,
+    /// As `grpo-small` with LoRA r 16, alpha 32 on q_proj,v_proj, beta 0.04.
+    GrpoSmallLora,
 }
 
 /// The SmolLM2-135M shape (`WORKLOADS.md`): Llama, hidden 576, 30 layers, 9 heads, 3 kv
@@ -105,8 +112,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Workload::GenerateQwen05b => generate("generate-qwen-0.5b", qwen05b_shape()?, 8, 1, a.steps.unwrap_or(2)),
         Workload::RewardSmollm => reward("reward-smollm", smollm_shape()?, false, 1, a.steps.unwrap_or(3)),
         Workload::RewardQwen05bLora => reward("reward-qwen-0.5b-lora", qwen05b_shape()?, true, 1, a.steps.unwrap_or(2)),
-        Workload::PpoQwen05bLora => ppo("ppo-qwen-0.5b-lora", qwen05b_shape()?, Adapt::Lora, a.steps.unwrap_or(1)),
+        Workload::PpoQwen05bLora => ppo(
+            "ppo-qwen-0.5b-lora",
+            qwen05b_shape()?,
+            Adapt::Lora,
+            a.steps.unwrap_or(1),
+        ),
         Workload::DpoSmall => crate::bench_dpo::dpo("dpo-small", smollm_shape()?, 1, a.steps.unwrap_or(3)),
+        Workload::GrpoSmall => grpo::grpo("grpo-small", false, a.steps.unwrap_or(2)),
+        Workload::GrpoSmallLora => grpo::grpo("grpo-small-lora", true, a.steps.unwrap_or(2)),
         Workload::PpoTiny => ppo("ppo-tiny", ModelConfig::gpt2_tiny(), Adapt::Full, a.steps.unwrap_or(5)),
         Workload::PpoSmall => ppo(
             "ppo-small",
@@ -126,8 +140,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Adapt::LoraInt8,
             a.steps.unwrap_or(3),
         ),
-        Workload::RewardTiny => ranked(|| reward("reward-tiny", ModelConfig::gpt2_tiny(), false, 3, a.steps.unwrap_or(20))),
-        Workload::RewardSmall => ranked(|| reward("reward-small", ModelConfig::gpt2_small(), false, 2, a.steps.unwrap_or(5))),
+        Workload::RewardTiny => {
+            ranked(|| reward("reward-tiny", ModelConfig::gpt2_tiny(), false, 3, a.steps.unwrap_or(20)))
+        }
+        Workload::RewardSmall => ranked(|| {
+            reward(
+                "reward-small",
+                ModelConfig::gpt2_small(),
+                false,
+                2,
+                a.steps.unwrap_or(5),
+            )
+        }),
     }
 }
 

@@ -37,6 +37,12 @@ enum Command {
     /// Direct preference optimisation on preference pairs (TRL 1.16 DPOTrainer).
     #[command(after_help = train::DPO_KEYS)]
     Dpo(train::Args),
+    /// GRPO: groups of sampled completions, group-relative advantages (TRL GRPOTrainer).
+    #[command(after_help = train::GRPO_HELP)]
+    Grpo(train::Args),
+    /// RLOO: leave-one-out REINFORCE with a clipped sequence ratio (TRL RLOOTrainer).
+    #[command(after_help = train::RLOO_HELP)]
+    Rloo(train::Args),
     /// Draw PNG charts of a run directory's metrics.jsonl into RUN_DIR/plots.
     Plot(plot::Args),
     /// Run a benchmark workload and print its timings as JSON.
@@ -124,6 +130,8 @@ fn main() -> std::process::ExitCode {
         Command::Merge(a) => merge::run(a),
         Command::Ppo(a) => train::ppo(a),
         Command::Dpo(a) => train::dpo(a),
+        Command::Grpo(a) => train::grpo(a),
+        Command::Rloo(a) => train::rloo(a),
         Command::Plot(a) => plot::run(a),
         Command::Quickstart(a) => quickstart::run(a),
     };

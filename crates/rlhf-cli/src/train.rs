@@ -147,3 +147,93 @@ pub fn dpo(a: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The keys `rlhf grpo` and `rlhf rloo` share (TRL 1.16 names; `docs/grpo.md`).
+macro_rules! online_keys {
+    () => {
+        "\
+  --config FILE                    a TOML file with any of these keys (flags win)
+  --model-name-or-path DIR         the policy (a causal LM directory or hub id)
+  --train-file FILE                prompts: JSONL / CSV / TSV / Parquet with `prompt` (or `query`)
+  --eval-file FILE                 evaluation prompts (with --eval-strategy steps)
+  --output-dir DIR                 run directory (checkpoints, metrics.jsonl, final/)
+  --num-generations G              completions per prompt
+  --max-completion-length N        new tokens per completion at most
+  --per-device-train-batch-size B  completions per micro-batch (a multiple of G)
+  --gradient-accumulation-steps N  micro-batches per optimizer step
+  --steps-per-generation N         micro-batches served by one generation batch
+  --num-iterations N               passes over each generation batch
+  --temperature T  --top-k K  --top-p P
+  --epsilon E  --epsilon-high E    clip range of the ratio
+  --mask-truncated-completions     no loss on completions without EOS
+  --reward-funcs a,b               built-in rules: regex_match, length_target, exact_answer,
+                                   distinct_words, think_format_reward, get_soft_overlong_punishment
+  --reward-regex RE  --reward-target-length N  --reward-answer-column COL  --soft-punish-cache N
+  --reward-model-name-or-path DIR  a reward model (sequence classifier)
+  --reward-command CMD             an external scorer (one JSON line per batch each way)
+  --reward-weights 1.0,0.5         one weight per reward function
+  --learning-rate LR  --max-steps N  --num-train-epochs E  --lr-scheduler-type linear|constant
+  --logging-steps N  --save-steps N  --save-total-limit N  --resume-from-checkpoint latest|DIR
+  --seed S  --bf16  --quiet  --disable-dropout  --report-to tensorboard
+  --use-peft --lora-r R --lora-alpha A --lora-target-modules '[\"q_proj\",\"v_proj\"]'
+  --load-in-8bit | --load-in-4bit   LoRA on a quantized base (reference = adapters disabled)
+"
+    };
+}
+
+/// `rlhf grpo --help`: the keys.
+pub const GRPO_HELP: &str = const_format_keys::GRPO;
+/// `rlhf rloo --help`: the keys.
+pub const RLOO_HELP: &str = const_format_keys::RLOO;
+
+mod const_format_keys {
+    pub const GRPO: &str = concat!(
+        "Config keys (TRL GRPOConfig names, as --kebab-case flags or TOML keys):\n",
+        "  --beta B                         k3 KL weight (0: no reference model)\n",
+        "  --loss-type dapo|grpo|dr_grpo|bnpo|luspo|cispo|sapo|vespo\n",
+        "  --importance-sampling-level token|sequence\n",
+        "  --scale-rewards group|batch|none  --multi-objective-aggregation sum_then_normalize|normalize_then_sum\n",
+        "  --delta D  --use-bias-correction-kl true|false\n",
+        online_keys!()
+    );
+    pub const RLOO: &str = concat!(
+        "Config keys (TRL RLOOConfig names, as --kebab-case flags or TOML keys):\n",
+        "  --beta B                         k1 KL folded into the reward (0.05; 0: no reference)\n",
+        "  --normalize-advantages           whiten the advantages over the batch\n",
+        "  --reward-clip-range MIN,MAX      clamp of the aggregated reward\n",
+        online_keys!()
+    );
+}
+
+pub fn grpo(a: Args) -> anyhow::Result<()> {
+    let (v, source, sources) = values(&a)?;
+    let cfg: rlhf_train::grpo_config::GrpoConfig = resolve(&v, &source)?;
+    let stop = crate::stop::install()?;
+    let out = as_rank(|| rlhf_train::grpo::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    online_summary(&out);
+    Ok(())
+}
+
+pub fn rloo(a: Args) -> anyhow::Result<()> {
+    let (v, source, sources) = values(&a)?;
+    let cfg: rlhf_train::rloo_config::RlooConfig = resolve(&v, &source)?;
+    let stop = crate::stop::install()?;
+    let out = as_rank(|| rlhf_train::rloo::train_until(&cfg, &stop)).map_err(|e| sources.name(e))?;
+    online_summary(&out);
+    Ok(())
+}
+
+fn online_summary(out: &rlhf_train::online::run::OnlineOutcome) {
+    if !prints() {
+        return;
+    }
+    println!("policy saved to {}", out.final_dir.display());
+    if let (Some(first), Some(last)) = (out.rewards.first(), out.rewards.last()) {
+        println!("reward: first generation batch {first:.4}, last {last:.4}");
+    }
+    if let Some(m) = &out.eval {
+        if let Some(r) = m.get("reward") {
+            println!("eval reward {r:.4}");
+        }
+    }
+}

@@ -253,6 +253,53 @@ impl<'m> Decoder<'m> {
         self.forward(&entries, &last)
     }
 
+    /// Prefills each prompt **once** and shares its cache with its group: the decoder's rows
+    /// are `prompts.len() × g`, row `i·g + j` (`j < g`) continues prompt `i`, and rows
+    /// `i·g + 1 ..` get copies of row `i·g`'s keys and values instead of recomputing them
+    /// (GRPO / RLOO sample `g` completions of every prompt). Returns the logits after each
+    /// prompt's last token for every row, row-major `(prompts.len()·g, V)`.
+    pub fn prefill_groups(&mut self, prompts: &[Vec<u32>], g: usize) -> Result<Vec<f32>> {
+        if g == 0 || prompts.len() * g != self.lens.len() {
+            return Err(ModelError::Input(format!(
+                "prefill_groups: {} prompts × {g} generations do not fill the decoder's {} rows",
+                prompts.len(),
+                self.lens.len()
+            )));
+        }
+        let mut entries = Vec::new();
+        let mut last = Vec::with_capacity(prompts.len());
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(ModelError::Input(format!("prompt {i} is empty")));
+            }
+            entries.extend(p.iter().map(|&t| (i * g, t)));
+            last.push(entries.len() - 1);
+        }
+        let once = self.forward(&entries, &last)?;
+        let v = self.vocab_size();
+        let mut logits = Vec::with_capacity(once.len() * g);
+        for (i, row) in once.chunks_exact(v).enumerate() {
+            for j in 0..g {
+                if j > 0 {
+                    self.copy_row(i * g, i * g + j);
+                }
+                logits.extend_from_slice(row);
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Copies row `src`'s cached keys and values (and length) to row `dst`.
+    fn copy_row(&mut self, src: usize, dst: usize) {
+        let cfg = &self.model.cfg;
+        let width = cfg.num_key_value_heads * padded(self.capacity) * cfg.head_dim;
+        for layer in &mut self.layers {
+            layer.k.copy_within(src * width..(src + 1) * width, dst * width);
+            layer.v.copy_within(src * width..(src + 1) * width, dst * width);
+        }
+        self.lens[dst] = self.lens[src];
+    }
+
     /// Appends `tokens[i]` to row `rows[i]` and returns the logits after it, row-major
     /// `(rows.len(), V)`.
     pub fn step(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>> {

@@ -121,31 +121,86 @@ pub fn generate(
     };
     // The loop runs on a worker of the rayon pool, so that the step's many short parallel
     // loops are forked from a worker instead of each being handed over from this thread.
-    let responses = rayon::scope(|_| decode_loop(&mut dec, prompts, cfg, rng))?;
+    let responses = rayon::scope(|_| -> Result<_> {
+        let logits = dec.prefill(prompts)?;
+        decode_loop(&mut dec, logits, prompts.len(), cfg, &mut |_| rng.uniform_f64())
+    })?;
     Ok(Generation {
         prompt_ids: prompts.to_vec(),
         response_ids: responses,
     })
 }
 
-/// The sampling loop of [`generate`] on a [`Decoder`]: the new tokens of every row.
+/// `g` completions of every prompt, for GRPO / RLOO groups: row `i·g + j` continues prompt
+/// `i` and samples from its own stream `rngs[i·g + j]`, so a completion depends only on its
+/// prompt, its stream and the weights — not on the other rows of the batch (nor on `g`).
+/// On the [`Decoder`] path each prompt is prefilled once and its cache copied to its group
+/// ([`Decoder::prefill_groups`]); finished rows leave the step. Other models generate each
+/// row through [`generate_composed`] with its stream, which draws the same numbers.
+///
+/// # Errors
+/// As [`generate`]; [`ModelError::Input`] when `rngs` is not one stream per completion.
+pub fn generate_groups(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    g: usize,
+    cfg: &GenerationConfig,
+    rngs: &mut [RngStream],
+) -> Result<Generation> {
+    check(model, prompts, cfg)?;
+    let rows = prompts.len() * g;
+    if g == 0 || rngs.len() != rows {
+        return Err(ModelError::Input(format!(
+            "generate_groups: {} prompts × {g} generations need {rows} random streams (one per completion), got {}",
+            prompts.len(),
+            rngs.len()
+        )));
+    }
+    let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), g)).collect();
+    let format = match rlhf_ops::precision::matmul_precision() {
+        MatmulPrecision::Bf16 => PackedFormat::Bf16,
+        MatmulPrecision::Highest => PackedFormat::F32,
+    };
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let decoder = match rows {
+        0 => None,
+        _ => Decoder::new(model, rows, max_len + cfg.max_new_tokens, format)?,
+    };
+    let response_ids = match decoder {
+        Some(mut dec) => rayon::scope(|_| -> Result<_> {
+            let logits = dec.prefill_groups(prompts, g)?;
+            decode_loop(&mut dec, logits, rows, cfg, &mut |r| rngs[r].uniform_f64())
+        })?,
+        None => {
+            let mut out = Vec::with_capacity(rows);
+            for (p, rng) in repeated.iter().zip(rngs.iter_mut()) {
+                out.extend(generate_composed(model, std::slice::from_ref(p), cfg, rng)?.response_ids);
+            }
+            out
+        }
+    };
+    Ok(Generation {
+        prompt_ids: repeated,
+        response_ids,
+    })
+}
+
+/// The sampling loop of [`generate`] on a prefilled [`Decoder`] (`logits` after each of the
+/// `rows` prompts): the new tokens of every row. `draw(row)` gives the row's next uniform.
 fn decode_loop(
     dec: &mut Decoder,
-    prompts: &[Vec<u32>],
+    mut logits: Vec<f32>,
+    rows: usize,
     cfg: &GenerationConfig,
-    rng: &mut RngStream,
+    draw: &mut dyn FnMut(usize) -> f64,
 ) -> Result<Vec<Vec<u32>>> {
     let v = dec.vocab_size();
-    let mut logits = dec.prefill(prompts)?;
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
-    let mut responses: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_new_tokens); prompts.len()];
+    let mut active: Vec<usize> = (0..rows).collect();
+    let mut responses: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_new_tokens); rows];
     for step in 0..cfg.max_new_tokens {
         // One uniform per row, drawn in row order as the composed path draws them; the rows
         // are then sampled in parallel.
-        let draws: Vec<Option<f64>> = active
-            .iter()
-            .map(|_| cfg.do_sample.then(|| rng.uniform_f64()))
-            .collect();
+        let draws: Vec<Option<f64>> = active.iter().map(|&r| cfg.do_sample.then(|| draw(r))).collect();
         let toks: Vec<u32> = logits
             .par_chunks_exact_mut(v)
             .zip(draws)

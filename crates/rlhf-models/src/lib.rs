@@ -27,7 +27,7 @@ pub use config::ModelConfig;
 pub use decode::Decoder;
 pub use error::{ModelError, Result};
 pub use family::Family;
-pub use generate::{generate, generate_composed, Generation, GenerationConfig};
+pub use generate::{generate, generate_composed, generate_groups, Generation, GenerationConfig};
 pub use heads::{ScoreHead, ValueHead};
 pub use hub::{resolve_model, HubEnv};
 pub use model::{LoadOptions, Model};

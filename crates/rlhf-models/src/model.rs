@@ -402,6 +402,18 @@ impl Model {
         crate::generate::generate(&self.backbone, prompts, cfg, rng)
     }
 
+    /// `g` completions of every prompt, one random stream per completion
+    /// ([`crate::generate::generate_groups`]).
+    pub fn generate_groups(
+        &self,
+        prompts: &[Vec<u32>],
+        g: usize,
+        cfg: &GenerationConfig,
+        rngs: &mut [RngStream],
+    ) -> Result<Generation> {
+        crate::generate::generate_groups(&self.backbone, prompts, g, cfg, rngs)
+    }
+
     /// Backbone forward then the score head at each row's rightmost token that is not
     /// padding (transformers 5.x's pooling; see [`crate::heads::pooled_index`]). Pad the
     /// batch with [`Model::pad_token_id`].

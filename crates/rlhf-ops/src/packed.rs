@@ -390,6 +390,10 @@ enum Kernel {
     Avx512F32,
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
+    /// The portable f32 loop compiled for AVX2 + FMA: the same fused products as the
+    /// portable loop (so the same sums), in hardware instead of libm's software `fmaf`.
+    #[cfg(target_arch = "x86_64")]
+    Avx2FmaF32,
     PortableF32,
     PortableBf16,
 }
@@ -402,6 +406,11 @@ impl Kernel {
             match format {
                 PackedFormat::F32 if f => return Self::Avx512F32,
                 PackedFormat::Bf16 if crate::bf16::has_bf16_dot() => return Self::Avx512Bf16,
+                PackedFormat::F32
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") =>
+                {
+                    return Self::Avx2FmaF32
+                }
                 _ => {}
             }
         }
@@ -419,7 +428,9 @@ impl Kernel {
             Self::Avx512F32 => avx512::tile_f32(t),
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Bf16 => avx512::tile_bf16(t),
-            Self::PortableF32 => portable_tile(t, |acc, a, b| f32::from_bits(a).mul_add(f32::from_bits(b), acc)),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2FmaF32 => portable_tile_f32_fma(t),
+            Self::PortableF32 => portable_tile(t, fused_step),
             Self::PortableBf16 => portable_tile(t, |acc, a, b| {
                 let (a0, a1) = (f32::from_bits(a << 16), f32::from_bits(a & 0xFFFF_0000));
                 let (b0, b1) = (f32::from_bits(b << 16), f32::from_bits(b & 0xFFFF_0000));
@@ -431,10 +442,27 @@ impl Kernel {
     }
 }
 
+/// One f32 step of the portable loop: `acc + a·b`, fused.
+#[inline(always)]
+fn fused_step(acc: f32, a: u32, b: u32) -> f32 {
+    f32::from_bits(a).mul_add(f32::from_bits(b), acc)
+}
+
+/// [`portable_tile`] of f32 panels with AVX2 and FMA enabled (vectorised, hardware FMA).
+///
+/// # Safety
+/// As [`Kernel::run`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_tile_f32_fma(t: Tile) {
+    portable_tile(t, fused_step)
+}
+
 /// The portable tile loop: `step(acc, a_word, b_word)` adds one step's product.
 ///
 /// # Safety
 /// As [`Kernel::run`].
+#[inline(always)]
 unsafe fn portable_tile(t: Tile, step: impl Fn(f32, u32, u32) -> f32) {
     for i in 0..t.rows {
         let mut acc = [0f32; NR];

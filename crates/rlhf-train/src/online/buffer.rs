@@ -1,0 +1,212 @@
+//! One generation batch as the optimisation reads it (TRL 1.16's `_buffered_inputs`):
+//! the padded prompt and completion ids, the completion (= loss and attention) mask, the
+//! advantages and the log-probs taken at generation time, and the per-token log-probs of a
+//! forward pass over any of its rows.
+//!
+//! Layout as TRL's `_generate_and_score_completions` builds it: prompts left-padded to the
+//! longest prompt of the batch, completions right-padded to the longest kept completion; the
+//! scoring forward runs over `[prompt; completion]` with attention mask
+//! `[prompt_mask; completion_mask]` and **no position ids**, so transformers numbers the
+//! positions `0..P+C` over the padding too (`arange`), which `forward_at` reproduces.
+
+use candle_core::{DType, Device, Tensor};
+use rlhf_models::{Fwd, Model};
+use rlhf_ops::rl::completions::Completions;
+use rlhf_ops::rl::logprobs::tempered_lm_head_logprobs_and_entropy;
+use rlhf_ops::sink::GradSink;
+use serde::{Deserialize, Serialize};
+
+use crate::config_values::setting_of;
+use crate::error::Result;
+
+/// A scored generation batch of `B` completions (host data, saved in checkpoints so that a
+/// run resumed inside a generation batch reuses it exactly).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    /// Prompt ids `(B, P)`, left-padded with the pad id.
+    pub prompt_ids: Vec<Vec<u32>>,
+    /// 1 on prompt tokens, 0 on padding `(B, P)`.
+    pub prompt_mask: Vec<Vec<u32>>,
+    /// Completion ids `(B, C)` through the first EOS, right-padded with the pad id.
+    pub completion_ids: Vec<Vec<u32>>,
+    /// Completion mask `(B, C)`: 1 up to and including the first EOS; all 0 on truncated
+    /// rows under `mask_truncated_completions`. The loss mask and the completion half of the
+    /// attention mask.
+    pub completion_mask: Vec<Vec<f32>>,
+    /// One advantage per completion.
+    pub advantages: Vec<f64>,
+    /// Per-token log-probs of the sampling policy `(B, C)`, when the algorithm needs them.
+    pub old_logps: Option<Vec<Vec<f32>>>,
+    /// Per-token log-probs of the reference `(B, C)`, when `beta != 0`.
+    pub ref_logps: Option<Vec<Vec<f32>>>,
+    /// `num_items_in_batch`: the completion mask's sum over the batch.
+    pub num_items: f64,
+    /// Row order of the micro-batches (TRL shuffles the buffer before splitting it).
+    pub order: Vec<usize>,
+}
+
+/// The tensors of some rows of a [`Buffer`].
+pub struct RowTensors {
+    /// `[prompt; completion]` ids `(b, P + C)`.
+    pub ids: Tensor,
+    /// `[prompt_mask; completion_mask]` `(b, P + C)`.
+    pub attention: Tensor,
+    /// `arange(P + C)` per row, row-major (`b·(P + C)`).
+    pub positions: Vec<u32>,
+    /// Completion ids `(b, C)`.
+    pub labels: Tensor,
+    /// Completion mask `(b, C)`, f32.
+    pub mask: Tensor,
+    /// Prompt width `P`.
+    pub prompt_width: usize,
+}
+
+impl Buffer {
+    /// Pads the unpadded prompts and kept completions of a generation batch (one prompt
+    /// per completion) and reads the masks; the advantages and log-probs are filled later.
+    ///
+    /// # Errors
+    /// [`crate::TrainError::Config`] when a completion is empty or the lists differ in length.
+    pub fn new(
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        eos: &[u32],
+        pad: u32,
+        mask_truncated_completions: bool,
+    ) -> Result<(Self, Completions)> {
+        let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let c = completions.iter().map(Vec::len).max().unwrap_or(0);
+        let right = |r: &Vec<u32>| {
+            let mut r = r.clone();
+            r.resize(c, pad);
+            r
+        };
+        let completion_ids: Vec<Vec<u32>> = completions.iter().map(right).collect();
+        let info = Completions::from_ids(&completion_ids, eos, pad).map_err(setting_of)?;
+        let completion_mask = info.mask_rows(mask_truncated_completions);
+        let b = prompts.len();
+        Ok((
+            Self {
+                prompt_ids: prompts
+                    .iter()
+                    .map(|r| std::iter::repeat_n(pad, p - r.len()).chain(r.iter().copied()).collect())
+                    .collect(),
+                prompt_mask: prompts
+                    .iter()
+                    .map(|r| {
+                        std::iter::repeat_n(0, p - r.len())
+                            .chain(std::iter::repeat_n(1, r.len()))
+                            .collect()
+                    })
+                    .collect(),
+                completion_ids,
+                completion_mask,
+                advantages: vec![0.0; b],
+                old_logps: None,
+                ref_logps: None,
+                num_items: info.num_items(mask_truncated_completions) as f64,
+                order: (0..b).collect(),
+            },
+            info,
+        ))
+    }
+
+    /// Number of completions `B`.
+    pub fn len(&self) -> usize {
+        self.completion_ids.len()
+    }
+
+    /// Whether the buffer holds no completion.
+    pub fn is_empty(&self) -> bool {
+        self.completion_ids.is_empty()
+    }
+
+    /// The rows of micro-batch `slice` (of `bs` rows each) in the buffer's order.
+    pub fn slice_rows(&self, slice: usize, bs: usize) -> Vec<usize> {
+        let start = (slice * bs).min(self.len());
+        self.order[start..(start + bs).min(self.len())].to_vec()
+    }
+
+    /// The tensors of `rows`.
+    pub fn tensors(&self, rows: &[usize], device: &Device) -> Result<RowTensors> {
+        let b = rows.len();
+        let (p, c) = (self.prompt_ids[0].len(), self.completion_ids[0].len());
+        let t = p + c;
+        let (mut ids, mut att, mut labels, mut mask) = (
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * c),
+            Vec::with_capacity(b * c),
+        );
+        for &r in rows {
+            ids.extend_from_slice(&self.prompt_ids[r]);
+            ids.extend_from_slice(&self.completion_ids[r]);
+            att.extend_from_slice(&self.prompt_mask[r]);
+            att.extend(self.completion_mask[r].iter().map(|&m| m as u32));
+            labels.extend_from_slice(&self.completion_ids[r]);
+            mask.extend_from_slice(&self.completion_mask[r]);
+        }
+        Ok(RowTensors {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            attention: Tensor::from_vec(att, (b, t), device)?,
+            positions: (0..b).flat_map(|_| 0..t as u32).collect(),
+            labels: Tensor::from_vec(labels, (b, c), device)?,
+            mask: Tensor::from_vec(mask, (b, c), device)?,
+            prompt_width: p,
+        })
+    }
+
+    /// `rows` of a per-token table `(B, C)` as a tensor `(b, C)`.
+    pub fn rows_of(table: &[Vec<f32>], rows: &[usize], device: &Device) -> Result<Tensor> {
+        let c = table.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = rows.iter().flat_map(|&r| table[r].iter().copied()).collect();
+        Ok(Tensor::from_vec(flat, (rows.len(), c), device)?)
+    }
+
+    /// The advantages of `rows` `(b)`.
+    pub fn advantages_of(&self, rows: &[usize], device: &Device) -> Result<Tensor> {
+        let a: Vec<f32> = rows.iter().map(|&r| self.advantages[r] as f32).collect();
+        Ok(Tensor::from_vec(a, rows.len(), device)?)
+    }
+
+    /// Per-token log-probs `(B, C)` of every row without gradients, in chunks of `chunk`
+    /// rows (TRL scores the buffer in micro-batches); `adapters = false` is the reference
+    /// of a LoRA policy.
+    pub fn logps_no_grad(
+        &self,
+        model: &Model,
+        temperature: f64,
+        chunk: usize,
+        adapters: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.len());
+        let all: Vec<usize> = (0..self.len()).collect();
+        for rows in all.chunks(chunk.max(1)) {
+            let x = self.tensors(rows, model.device())?;
+            let mut fwd = if adapters {
+                Fwd::eval()
+            } else {
+                Fwd::eval().without_adapters()
+            };
+            let (lp, _) = completion_logps(model, &x, temperature, &mut fwd)?;
+            out.extend(lp.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// Per-token log-probs and entropies `(b, C)` of the completion tokens of `x` at
+/// `temperature` (TRL `_get_per_token_logps_and_entropies`), 0 outside the completion mask;
+/// differentiable when `fwd.grad` (the LM head's weight gradient goes to `fwd.sink` when
+/// it has one).
+pub fn completion_logps(model: &Model, x: &RowTensors, temperature: f64, fwd: &mut Fwd) -> Result<(Tensor, Tensor)> {
+    let hidden = model.forward_at(&x.ids, &x.attention, &x.positions, fwd)?;
+    let c = x.labels.dim(1)?;
+    // Position P−1+t predicts completion token t.
+    let h = hidden.narrow(1, x.prompt_width - 1, c)?;
+    let w = model.lm_head_weight(fwd.grad)?;
+    let sink: Option<&GradSink> = fwd.sink;
+    let (lp, ent) = tempered_lm_head_logprobs_and_entropy(&h, w, &x.labels, temperature, sink).map_err(setting_of)?;
+    let m = x.mask.to_dtype(lp.dtype())?;
+    Ok(((lp * &m)?, (ent * m)?))
+}
