@@ -1,6 +1,9 @@
-//! `rlhf quickstart`: the whole pipeline — SFT → reward model → PPO with LoRA — on a built-in
-//! synthetic assistant world, no download, minutes on 2 cores. Ends with a before/after
-//! report: reward-model scores and the verdict of an independent rule-based judge.
+//! `rlhf quickstart`: the whole pipeline — SFT → reward model → PPO with LoRA (or GRPO, RLOO,
+//! DPO, or all four side by side) — on a built-in synthetic assistant world, no download,
+//! minutes on 2 cores. Ends with a before/after report: reward-model scores, the verdict of
+//! an independent rule-based judge, and the KL to the SFT model.
+
+mod algorithms;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -8,9 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use rlhf_models::{GenerationConfig, LoadOptions, Model, ModelConfig, Tokenizer};
 use rlhf_ops::rng::RngStream;
-use rlhf_train::peft_args::PeftArgs;
-use rlhf_train::ppo_config::PpoConfig;
-use rlhf_train::ppo_run::{score_texts, PpoRunConfig};
+use rlhf_train::ppo_run::score_texts;
 use rlhf_train::reward::RewardConfig;
 use rlhf_train::sft::SftConfig;
 use rlhf_train::synth::{self, Split, SynthConfig};
@@ -29,6 +30,10 @@ pub struct Args {
     /// Seed of the data, the model and every stage.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The policy-optimisation stage: `ppo` (TRL 0.11's, the default), `grpo`, `rloo`, `dpo`,
+    /// or `all` (the four from the same SFT and reward models, compared in one table).
+    #[arg(long, value_enum, default_value = "ppo")]
+    algorithm: algorithms::Algorithm,
 }
 
 /// Sizes of one quickstart run.
@@ -44,6 +49,16 @@ struct Plan {
     ppo_batch: usize,
     ppo_mini_batch: usize,
     ppo_lr: f64,
+    /// Optimizer steps of GRPO and RLOO.
+    online_steps: u64,
+    /// Completions per GRPO step (prompts × 8 generations).
+    grpo_batch: usize,
+    grpo_lr: f64,
+    /// Completions per RLOO step (prompts × 2 generations).
+    rloo_batch: usize,
+    rloo_lr: f64,
+    dpo_steps: u64,
+    dpo_lr: f64,
     eval_prompts: usize,
 }
 
@@ -69,6 +84,13 @@ impl Plan {
                 ppo_mini_batch: 8,
                 // 3e-3 let some seeds learn ever shorter answers (reward hacking, KL > 30).
                 ppo_lr: 1.5e-3,
+                online_steps: 40,
+                grpo_batch: 32,
+                grpo_lr: 4e-3,
+                rloo_batch: 64,
+                rloo_lr: 8e-3,
+                dpo_steps: 60,
+                dpo_lr: 2e-3,
                 eval_prompts: 128,
             }
         } else {
@@ -90,6 +112,13 @@ impl Plan {
                 ppo_batch: 64,
                 ppo_mini_batch: 16,
                 ppo_lr: 2e-3,
+                online_steps: 40,
+                grpo_batch: 32,
+                grpo_lr: 4e-3,
+                rloo_batch: 64,
+                rloo_lr: 8e-3,
+                dpo_steps: 60,
+                dpo_lr: 2e-3,
                 eval_prompts: 128,
             }
         }
@@ -118,6 +147,8 @@ fn args(out: &Path, epochs: f64, lr: f64, seed: u64) -> TrainingArgs {
 
 /// One policy's answers to the evaluation prompts, scored by the reward model and judged.
 struct Eval {
+    /// Prompt and response ids, for the KL to the SFT model.
+    ids: Vec<(Vec<u32>, Vec<u32>)>,
     responses: Vec<String>,
     rewards: Vec<f32>,
     /// The judge's full verdict: polite, helpful (a real tip), on topic, fluent.
@@ -175,6 +206,7 @@ fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow
         .map(|j| j.polite && !j.rude_or_negative && !j.off_topic)
         .collect();
     Ok(Eval {
+        ids: queries.into_iter().map(|(_, q)| q).zip(out.response_ids).collect(),
         responses,
         rewards,
         good,
@@ -252,48 +284,49 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("reward model eval accuracy: {rm_accuracy:.3}");
     stage("reward", &mut lap);
 
-    // 4. PPO with LoRA; the reference is the policy with adapters disabled
-    heading("4/5 PPO with LoRA (reference = adapters disabled)");
+    // 4. policy optimisation with LoRA; the reference is the policy with adapters disabled
+    let algos = a.algorithm.expand();
+    let names: Vec<&str> = algos.iter().map(|x| x.name()).collect();
+    heading(&format!(
+        "4/5 {} with LoRA (reference = adapters disabled)",
+        names.join(", ").to_uppercase()
+    ));
     let eval_prompts: Vec<String> = synth::prompts(&plan.synth, Split::Eval)
         .into_iter()
         .take(plan.eval_prompts)
         .collect();
     let sft_model = Model::load(&sft.final_dir, &LoadOptions::default())?;
     let before = evaluate(&sft_model, &rm.model, &eval_prompts, a.seed + 11)?;
-    let ppo_cfg = PpoRunConfig {
-        model_name_or_path: sft.final_dir.display().to_string(),
-        reward_model_path: rm.final_dir.display().to_string(),
-        train_file: files.prompts.join("train.jsonl").display().to_string(),
-        output_dir: out.join("ppo").display().to_string(),
-        overwrite_output_dir: true,
-        max_new_tokens: 40,
-        save_steps: 0,
-        log_samples: plan.ppo_steps / 2,
-        ppo: PpoConfig {
-            batch_size: plan.ppo_batch,
-            mini_batch_size: plan.ppo_mini_batch,
-            learning_rate: plan.ppo_lr,
-            steps: plan.ppo_steps * plan.ppo_batch as u64,
-            seed: a.seed,
-            ..PpoConfig::default()
-        },
-        peft: PeftArgs {
-            use_peft: true,
-            lora_dropout: 0.0,
-            ..PeftArgs::default()
-        },
-        ..PpoRunConfig::default()
+    let inputs = algorithms::Inputs {
+        out,
+        plan: &plan,
+        seed: a.seed,
+        sft_dir: &sft.final_dir,
+        rm_dir: &rm.final_dir,
+        prompts_dir: &files.prompts,
+        prefs_dir: &files.prefs,
     };
-    let ppo = rlhf_train::ppo_run::train(&ppo_cfg)?;
-    let after = evaluate(&ppo.model, &rm.model, &eval_prompts, a.seed + 11)?;
-    stage("ppo", &mut lap);
+    let mut results = Vec::new();
+    for &algo in &algos {
+        if algos.len() > 1 {
+            println!("\n-- {}", algo.name().to_uppercase());
+        }
+        let t = Instant::now();
+        let trained = algorithms::train(algo, &inputs)?;
+        let secs = t.elapsed().as_secs_f64();
+        let after = evaluate(&trained.model, &rm.model, &eval_prompts, a.seed + 11)?;
+        let kl = algorithms::kl_to(&trained.model, &sft_model, &after.ids)?;
+        results.push((algo, trained, after, kl, secs));
+        stage(algo.name(), &mut lap);
+    }
 
     // 5. report: plots, samples, scores before and after
     heading("5/5 report");
     let mut plots = Vec::new();
-    for d in ["sft", "reward", "ppo"] {
+    for d in ["sft", "reward"].into_iter().chain(names.iter().copied()) {
         plots.extend(crate::plot::plot_run(&out.join(d))?);
     }
+    let (_, first, after, _, _) = &results[0];
     let samples: Vec<serde_json::Value> = (0..eval_prompts.len().min(6))
         .map(|i| {
             json!({"prompt": eval_prompts[i], "before": before.responses[i], "after": after.responses[i],
@@ -320,10 +353,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let total = started.elapsed().as_secs_f64();
     seconds.insert("total".into(), json!(total));
-    let summary = json!({
+    let table: serde_json::Map<String, serde_json::Value> = results
+        .iter()
+        .map(|(algo, t, ev, kl, secs)| {
+            (
+                algo.name().to_string(),
+                json!({"mean_reward": ev.mean_reward(), "judge_good_share": ev.good_share(),
+                       "judge_style_share": ev.style_share(), "kl_to_sft": kl, "seconds": secs,
+                       "final_dir": t.final_dir, "reward_mean_by_step": t.reward_means}),
+            )
+        })
+        .collect();
+    let metrics: Vec<PathBuf> = ["sft", "reward"]
+        .iter()
+        .chain(names.iter())
+        .map(|d| out.join(d).join("metrics.jsonl"))
+        .collect();
+    let mut summary = json!({
         "fast": a.fast,
         "seed": a.seed,
         "threads": threads,
+        "algorithm": a.algorithm.name(),
         "seconds": seconds,
         "reward_model_eval_accuracy": rm_accuracy,
         "eval_prompts": eval_prompts.len(),
@@ -331,42 +381,83 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                    "judge_style_share": before.style_share()},
         "after": {"mean_reward": after.mean_reward(), "judge_good_share": after.good_share(),
                   "judge_style_share": after.style_share()},
-        "ppo_reward_mean_by_step": ppo.reward_means,
+        "algorithms": table,
         "samples": samples,
         "paths": {
-            "sft": sft.final_dir, "reward_model": rm.final_dir, "ppo_adapter": ppo.final_dir,
-            "metrics": [out.join("sft/metrics.jsonl"), out.join("reward/metrics.jsonl"), out.join("ppo/metrics.jsonl")],
+            "sft": sft.final_dir, "reward_model": rm.final_dir, "policy": first.final_dir,
+            "metrics": metrics,
             "plots": plots,
         },
     });
+    if algos == [algorithms::Algorithm::Ppo] {
+        summary["ppo_reward_mean_by_step"] = json!(first.reward_means);
+        summary["paths"]["ppo_adapter"] = json!(first.final_dir);
+    }
     rlhf_train::checkpoint::write_atomic(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     println!("\nreward model eval accuracy      {rm_accuracy:.3}");
+    if results.len() == 1 {
+        let (_, _, after, kl, _) = &results[0];
+        println!(
+            "mean reward-model score         {:+.3} -> {:+.3}",
+            before.mean_reward(),
+            after.mean_reward()
+        );
+        println!(
+            "judge: polite, civil, on topic  {:.3} -> {:.3}",
+            before.style_share(),
+            after.style_share()
+        );
+        println!(
+            "judge: fully good (+ real tip)  {:.3} -> {:.3}",
+            before.good_share(),
+            after.good_share()
+        );
+        println!("KL to the SFT model             {kl:.3}");
+    } else {
+        println!(
+            "\n{:<6} {:>16} {:>16} {:>14} {:>8} {:>8}",
+            "", "judge style", "judge good", "reward score", "KL", "seconds"
+        );
+        println!(
+            "{:<6} {:>16.3} {:>16.3} {:>+14.3} {:>8} {:>8}",
+            "sft",
+            before.style_share(),
+            before.good_share(),
+            before.mean_reward(),
+            "-",
+            "-"
+        );
+        for (algo, _, ev, kl, secs) in &results {
+            println!(
+                "{:<6} {:>16.3} {:>16.3} {:>+14.3} {:>8.3} {:>8.1}",
+                algo.name(),
+                ev.style_share(),
+                ev.good_share(),
+                ev.mean_reward(),
+                kl,
+                secs
+            );
+        }
+    }
     println!(
-        "mean reward-model score         {:+.3} -> {:+.3}",
-        before.mean_reward(),
-        after.mean_reward()
-    );
-    println!(
-        "judge: polite, civil, on topic  {:.3} -> {:.3}",
-        before.style_share(),
-        after.style_share()
-    );
-    println!(
-        "judge: fully good (+ real tip)  {:.3} -> {:.3}",
-        before.good_share(),
-        after.good_share()
-    );
-    println!(
-        "checkpoints: {} (SFT), {} (reward model), {} (PPO LoRA adapter + value head)",
+        "checkpoints: {} (SFT), {} (reward model), {}",
         sft.final_dir.display(),
         rm.final_dir.display(),
-        ppo.final_dir.display()
+        results
+            .iter()
+            .map(|(algo, t, ..)| format!(
+                "{} ({} LoRA adapter)",
+                t.final_dir.display(),
+                algo.name().to_uppercase()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
-        "metrics: {}/{{sft,reward,ppo}}/metrics.jsonl; plots: {}/{{sft,reward,ppo}}/plots/*.png; summary: {}",
+        "metrics: {}/<stage>/metrics.jsonl; plots: {}/<stage>/plots/*.png; summary: {}",
         out.display(),
         out.display(),
         out.join("summary.json").display()

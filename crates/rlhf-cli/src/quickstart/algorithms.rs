@@ -1,0 +1,241 @@
+//! The policy-optimisation stage of the quickstart, for each algorithm: PPO (TRL 0.11's),
+//! GRPO, RLOO (against the reward model) and DPO (on the preference pairs), all with LoRA
+//! on the SFT model, and the measures the comparison table reports.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use rlhf_models::{Fwd, Model};
+use rlhf_train::dpo_config::DpoConfig;
+use rlhf_train::grpo_config::GrpoConfig;
+use rlhf_train::online_config::OnlineArgs;
+use rlhf_train::peft_args::PeftArgs;
+use rlhf_train::ppo_config::PpoConfig;
+use rlhf_train::ppo_run::PpoRunConfig;
+use rlhf_train::reward_fns::RewardArgs;
+use rlhf_train::rloo_config::RlooConfig;
+
+use super::Plan;
+
+/// An algorithm of `--algorithm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algorithm {
+    /// PPO with a value head (the default pipeline).
+    Ppo,
+    /// GRPO against the reward model.
+    Grpo,
+    /// RLOO against the reward model.
+    Rloo,
+    /// DPO on the preference pairs.
+    Dpo,
+    /// All four from the same SFT and reward models, compared in one table.
+    All,
+}
+
+impl Algorithm {
+    /// The algorithms this choice runs, in table order.
+    pub fn expand(self) -> Vec<Algorithm> {
+        match self {
+            Self::All => vec![Self::Ppo, Self::Grpo, Self::Rloo, Self::Dpo],
+            one => vec![one],
+        }
+    }
+
+    /// The name used for run directories and the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ppo => "ppo",
+            Self::Grpo => "grpo",
+            Self::Rloo => "rloo",
+            Self::Dpo => "dpo",
+            Self::All => "all",
+        }
+    }
+}
+
+/// What the earlier stages made, as the algorithms read it.
+pub struct Inputs<'a> {
+    pub out: &'a Path,
+    pub plan: &'a Plan,
+    pub seed: u64,
+    pub sft_dir: &'a Path,
+    pub rm_dir: &'a Path,
+    /// Prompt files (`train.jsonl` with `query`).
+    pub prompts_dir: &'a Path,
+    /// Preference pairs (`train.jsonl`).
+    pub prefs_dir: &'a Path,
+}
+
+/// A trained policy and where it was saved.
+pub struct Trained {
+    pub model: Model,
+    pub final_dir: PathBuf,
+    /// The mean reward of each step, when the trainer logs one.
+    pub reward_means: Vec<f64>,
+}
+
+/// LoRA as every quickstart stage uses it (PEFT defaults, no adapter dropout).
+fn lora() -> PeftArgs {
+    PeftArgs {
+        use_peft: true,
+        lora_dropout: 0.0,
+        ..PeftArgs::default()
+    }
+}
+
+/// Trains `algo` from the SFT model.
+pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
+    let dir = |name: &str| i.out.join(name).display().to_string();
+    let p = i.plan;
+    let prompts = i.prompts_dir.join("train.jsonl").display().to_string();
+    let sft = i.sft_dir.display().to_string();
+    let online = || OnlineArgs {
+        max_completion_length: 40,
+        rewards: RewardArgs {
+            reward_model_name_or_path: Some(i.rm_dir.display().to_string()),
+            ..RewardArgs::default()
+        },
+        ..OnlineArgs::default()
+    };
+    Ok(match algo {
+        Algorithm::Ppo => {
+            let cfg = PpoRunConfig {
+                model_name_or_path: sft,
+                reward_model_path: i.rm_dir.display().to_string(),
+                train_file: prompts,
+                output_dir: dir("ppo"),
+                overwrite_output_dir: true,
+                max_new_tokens: 40,
+                save_steps: 0,
+                log_samples: p.ppo_steps / 2,
+                ppo: PpoConfig {
+                    batch_size: p.ppo_batch,
+                    mini_batch_size: p.ppo_mini_batch,
+                    learning_rate: p.ppo_lr,
+                    steps: p.ppo_steps * p.ppo_batch as u64,
+                    seed: i.seed,
+                    ..PpoConfig::default()
+                },
+                peft: lora(),
+                ..PpoRunConfig::default()
+            };
+            let r = rlhf_train::ppo_run::train(&cfg)?;
+            Trained {
+                model: r.model,
+                final_dir: r.final_dir,
+                reward_means: r.reward_means.iter().map(|&x| x as f64).collect(),
+            }
+        }
+        Algorithm::Grpo => {
+            let mut cfg = GrpoConfig {
+                model_name_or_path: sft,
+                train_file: Some(prompts),
+                beta: 0.04,
+                online: OnlineArgs {
+                    num_generations: 8,
+                    ..online()
+                },
+                peft: lora(),
+                ..GrpoConfig::default()
+            };
+            cfg.args = super::args(Path::new(&dir("grpo")), 1.0, p.grpo_lr, i.seed);
+            cfg.args.per_device_train_batch_size = p.grpo_batch;
+            cfg.args.max_steps = p.online_steps as i64;
+            cfg.args.logging_steps = 5;
+            let r = rlhf_train::grpo::train(&cfg)?;
+            Trained {
+                model: r.model,
+                final_dir: r.final_dir,
+                reward_means: r.rewards,
+            }
+        }
+        Algorithm::Rloo => {
+            let mut cfg = RlooConfig {
+                model_name_or_path: sft,
+                train_file: Some(prompts),
+                // Groups of 4 rather than TRL's default 2: a steadier leave-one-out baseline
+                // on a model this small.
+                online: OnlineArgs {
+                    num_generations: 4,
+                    ..online()
+                },
+                peft: lora(),
+                ..RlooConfig::default()
+            };
+            cfg.args = super::args(Path::new(&dir("rloo")), 1.0, p.rloo_lr, i.seed);
+            cfg.args.per_device_train_batch_size = p.rloo_batch;
+            cfg.args.max_steps = p.online_steps as i64;
+            cfg.args.logging_steps = 5;
+            let r = rlhf_train::rloo::train(&cfg)?;
+            Trained {
+                model: r.model,
+                final_dir: r.final_dir,
+                reward_means: r.rewards,
+            }
+        }
+        Algorithm::Dpo => {
+            let mut cfg = DpoConfig {
+                model_name_or_path: sft,
+                dataset_name: Some(i.prefs_dir.display().to_string()),
+                max_length: Some(64),
+                peft: lora(),
+                ..DpoConfig::default()
+            };
+            cfg.args = super::args(Path::new(&dir("dpo")), 1.0, p.dpo_lr, i.seed);
+            cfg.args.max_steps = p.dpo_steps as i64;
+            cfg.args.disable_dropout = true;
+            let r = rlhf_train::dpo::train(&cfg)?;
+            Trained {
+                model: r.model,
+                final_dir: r.final_dir,
+                reward_means: Vec::new(),
+            }
+        }
+        Algorithm::All => anyhow::bail!("`all` is expanded before training"),
+    })
+}
+
+/// Summed log-probability of each response given its prompt under `model`.
+fn response_logprobs(model: &Model, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<Vec<f64>> {
+    let pad = model.pad_token_id().unwrap_or(0);
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(32) {
+        let width = chunk.iter().map(|(q, r)| q.len() + r.len()).max().unwrap_or(1);
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for (q, r) in chunk {
+            let n = q.len() + r.len();
+            ids.extend(q.iter().chain(r).copied().chain(std::iter::repeat_n(pad, width - n)));
+            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, width - n)));
+        }
+        let b = chunk.len();
+        let ids_t = Tensor::from_vec(ids.clone(), (b, width), &Device::Cpu)?;
+        let mask_t = Tensor::from_vec(mask, (b, width), &Device::Cpu)?;
+        let logits = model.logits(&ids_t, &mask_t, &mut Fwd::eval())?.to_dtype(DType::F32)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+        let logp = logits.broadcast_sub(&lse)?;
+        for (row, (q, r)) in chunk.iter().enumerate() {
+            let mut sum = 0.0;
+            let lp = logp.get(row)?;
+            for (k, &tok) in r.iter().enumerate() {
+                // The token at position q.len() + k is predicted at the position before it.
+                if let Some(pos) = (q.len() + k).checked_sub(1) {
+                    sum += lp.get(pos)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+                }
+            }
+            out.push(sum);
+        }
+    }
+    Ok(out)
+}
+
+/// The mean sequence-level KL estimate `E[log π(y|x) − log π_sft(y|x)]` over the policy's
+/// own samples (TRL's `objective/kl` on held-out prompts).
+pub fn kl_to(policy: &Model, sft: &Model, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<f64> {
+    if pairs.is_empty() {
+        return Ok(0.0);
+    }
+    let a = response_logprobs(policy, pairs)?;
+    let b = response_logprobs(sft, pairs)?;
+    Ok(a.iter().zip(&b).map(|(x, y)| x - y).sum::<f64>() / pairs.len() as f64)
+}
