@@ -213,3 +213,33 @@ fn grpo_with_lora_on_an_int8_base_trains_and_saves_an_adapter() {
     // Step 1 starts from zero-initialised adapters: policy = reference, KL 0.
     assert!(m[0]["kl"].as_f64().unwrap().abs() < 1e-6, "{}", m[0]);
 }
+
+/// Conversational prompts (TRL's `[{"role", "content"}]` lists) are rendered with the model's
+/// chat template and the generation prompt; GRPO trains on them (tiny Qwen2 has a template),
+/// and a model without a template names the row.
+#[test]
+fn grpo_renders_conversational_prompts_with_the_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows: Vec<String> = (0..8)
+        .map(|i| serde_json::json!({"prompt": [{"role": "user", "content": format!("Count to {i}.")}]}).to_string())
+        .collect();
+    let train = tmp.path().join("chat_prompts.jsonl");
+    std::fs::write(&train, rows.join("\n")).unwrap();
+    let qwen = fixtures().join("families/tiny-qwen2");
+    let mut cfg = grpo_cfg(&qwen, &train, &tmp.path().join("run"), 2, 1e-3);
+    cfg.online.rewards.reward_funcs = vec!["length_target".into()];
+    cfg.online.rewards.reward_target_length = Some(4);
+    let out = rlhf_train::grpo::train(&cfg).unwrap();
+    assert!(out.final_dir.is_dir());
+    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"reward\""), "{metrics}");
+
+    let mistral = fixtures().join("families/tiny-mistral");
+    let mut cfg = grpo_cfg(&mistral, &train, &tmp.path().join("run2"), 1, 1e-3);
+    cfg.online.rewards.reward_funcs = vec!["distinct_words".into()];
+    let Err(err) = rlhf_train::grpo::train(&cfg) else {
+        panic!("a conversation without a chat template must be an error")
+    };
+    let err = err.to_string();
+    assert!(err.contains("row 1") && err.contains("chat template"), "{err}");
+}

@@ -123,7 +123,7 @@ pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
             Trained {
                 model: r.model,
                 final_dir: r.final_dir,
-                reward_means: r.reward_means.iter().map(|&x| x as f64).collect(),
+                reward_means: r.reward_means,
             }
         }
         Algorithm::Grpo => {

@@ -3,8 +3,10 @@
 //! reward functions receive them (TRL passes each other column to a reward function under
 //! its own name, one value per completion).
 //!
-//! The prompt is plain text here. A conversational prompt (a list of `{"role", "content"}`
-//! messages) is rejected with a message naming the row until chat templates render it.
+//! A prompt is plain text or a conversation (a list of `{"role", "content"}` messages, TRL's
+//! conversational format). A conversation is kept in [`PromptSet::conversations`] for the
+//! trainer to render with the model's chat template; its [`PromptRow::prompt`] is the text of
+//! its last message, for rule rewards and reports.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,8 @@ pub struct PromptSet {
     pub prompt_column: String,
     /// The rows in file order.
     pub rows: Vec<PromptRow>,
+    /// Per row, the conversation when the prompt is one (`None` for text prompts).
+    pub conversations: Vec<Option<Vec<rlhf_models::Message>>>,
 }
 
 /// The column names that hold prompts, in order of preference (TRL 1.x's `prompt`, then
@@ -60,20 +64,18 @@ pub fn prompt_rows(rows: Rows) -> Result<PromptSet> {
         msg,
     };
     let mut out = Vec::with_capacity(rows.len());
+    let mut conversations = Vec::with_capacity(rows.len());
     for (i, row) in rows.rows.iter().enumerate() {
-        let prompt = match row.get(col) {
-            Some(Value::Array(_)) => {
-                return Err(row_err(
-                    i,
-                    format!(
-                        "column `{col}` holds a conversation (a list of messages); conversational \
-                         prompts are not supported by this trainer yet\nhint: put the prompt text in \
-                         `{col}` as a string"
-                    ),
-                ))
+        let (prompt, conversation) = match row.get(col) {
+            Some(v @ Value::Array(_)) => {
+                let msgs =
+                    rlhf_models::chat::messages_from_json(v).map_err(|e| row_err(i, format!("column `{col}`: {e}")))?;
+                let last = msgs.last().and_then(|m| m.text()).unwrap_or_default().to_string();
+                (last, Some(msgs))
             }
-            _ => rows.text(i, col)?,
+            _ => (rows.text(i, col)?.to_string(), None),
         };
+        conversations.push(conversation);
         if prompt.is_empty() {
             return Err(row_err(
                 i,
@@ -82,15 +84,13 @@ pub fn prompt_rows(rows: Rows) -> Result<PromptSet> {
         }
         let mut columns = row.clone();
         columns.remove(col);
-        out.push(PromptRow {
-            prompt: prompt.to_string(),
-            columns,
-        });
+        out.push(PromptRow { prompt, columns });
     }
     Ok(PromptSet {
         path: rows.path,
         prompt_column: col.to_string(),
         rows: out,
+        conversations,
     })
 }
 
@@ -152,14 +152,29 @@ mod tests {
             err.contains("row 2") && err.contains("missing column `prompt`"),
             "{err}"
         );
-        let err = prompt_rows(rows(vec![json!({"prompt": [{"role": "user", "content": "hi"}]})]))
+        let err = prompt_rows(rows(vec![json!({"prompt": [{"role": "user"}]})]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("row 1") && err.contains("conversation"), "{err}");
+        assert!(err.contains("row 1") && err.contains("content"), "{err}");
         let err = prompt_rows(rows(vec![json!({"prompt": "a"}), json!({"prompt": ""})]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("row 2") && err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn conversational_prompts_are_kept_as_messages() {
+        let set = prompt_rows(rows(vec![
+            json!({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], "answer": "1"}),
+            json!({"prompt": "text"}),
+        ]))
+        .unwrap();
+        let conv = set.conversations[0].as_ref().unwrap();
+        assert_eq!(conv.len(), 2);
+        assert_eq!(conv[1].text(), Some("hi"));
+        assert_eq!(set.rows[0].prompt, "hi");
+        assert_eq!(set.rows[0].columns["answer"], json!("1"));
+        assert!(set.conversations[1].is_none());
     }
 
     #[test]

@@ -149,9 +149,30 @@ fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) ->
     let tok = model.tokenizer()?;
     let n_pos = model.cfg().max_position_embeddings;
     let mut ids = Vec::with_capacity(set.rows.len());
+    let render = rlhf_models::RenderOptions::generation_prompt(true);
     for (i, r) in set.rows.iter().enumerate() {
-        // TRL tokenizes prompts with the tokenizer's special tokens (Llama 3: BOS first).
-        let p = tok.encode_special(&r.prompt, true)?;
+        // TRL tokenizes text prompts with the tokenizer's special tokens (Llama 3: BOS
+        // first) and renders conversations with the chat template and the generation prompt.
+        let p = match &set.conversations[i] {
+            None => tok.encode_special(&r.prompt, true)?,
+            Some(msgs) => {
+                let template = model.chat_template.as_ref().ok_or_else(|| TrainError::Row {
+                    path: set.path.clone(),
+                    row: i + 1,
+                    msg: "the prompt is a conversation but the model has no chat template\n\
+                          hint: use a model with a chat template (an instruct checkpoint) or give the prompt as text"
+                        .into(),
+                })?;
+                template
+                    .encode(tok, msgs, &render)
+                    .map_err(|e| TrainError::Row {
+                        path: set.path.clone(),
+                        row: i + 1,
+                        msg: e.to_string(),
+                    })?
+                    .ids
+            }
+        };
         if p.is_empty() || p.len() + max_completion_length > n_pos {
             return Err(TrainError::Row {
                 path: set.path.clone(),
