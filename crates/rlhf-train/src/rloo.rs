@@ -60,17 +60,7 @@ pub fn prepare(
     mask_truncated_completions: bool,
 ) -> Result<(Buffer, Metrics)> {
     let o = &plan.online;
-    let pad = policy.tokenizer()?.pad_token_id;
-    let eos = policy.eos_token_ids();
-    let (mut buf, info) = Buffer::new(
-        &rollout.prompt_ids,
-        &rollout.completion_ids,
-        &eos,
-        pad,
-        mask_truncated_completions,
-    )?;
-    let prompt_lengths: Vec<usize> = rollout.prompt_ids.iter().map(Vec::len).collect();
-    let mut metrics = info.metrics(&prompt_lengths, num_tokens_seen).map_err(setting_of)?;
+    let (mut buf, mut metrics) = Buffer::from_rollout(policy, rollout, num_tokens_seen, mask_truncated_completions)?;
     let chunk = o.per_device_train_batch_size;
     let dev = policy.device();
     let all: Vec<usize> = (0..buf.len()).collect();

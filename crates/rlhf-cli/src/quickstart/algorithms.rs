@@ -83,6 +83,15 @@ fn lora() -> PeftArgs {
     }
 }
 
+/// The training settings of GRPO and RLOO: `batch` completions per step for `steps` steps.
+fn online_args(dir: &str, lr: f64, batch: usize, steps: u64, seed: u64) -> rlhf_train::trainer::TrainingArgs {
+    let mut args = super::args(Path::new(dir), 1.0, lr, seed);
+    args.per_device_train_batch_size = batch;
+    args.max_steps = steps as i64;
+    args.logging_steps = 5;
+    args
+}
+
 /// Trains `algo` from the SFT model.
 pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
     let dir = |name: &str| i.out.join(name).display().to_string();
@@ -138,10 +147,7 @@ pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
                 peft: lora(),
                 ..GrpoConfig::default()
             };
-            cfg.args = super::args(Path::new(&dir("grpo")), 1.0, p.grpo_lr, i.seed);
-            cfg.args.per_device_train_batch_size = p.grpo_batch;
-            cfg.args.max_steps = p.online_steps as i64;
-            cfg.args.logging_steps = 5;
+            cfg.args = online_args(&dir("grpo"), p.grpo_lr, p.grpo_batch, p.online_steps, i.seed);
             let r = rlhf_train::grpo::train(&cfg)?;
             Trained {
                 model: r.model,
@@ -162,10 +168,7 @@ pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
                 peft: lora(),
                 ..RlooConfig::default()
             };
-            cfg.args = super::args(Path::new(&dir("rloo")), 1.0, p.rloo_lr, i.seed);
-            cfg.args.per_device_train_batch_size = p.rloo_batch;
-            cfg.args.max_steps = p.online_steps as i64;
-            cfg.args.logging_steps = 5;
+            cfg.args = online_args(&dir("rloo"), p.rloo_lr, p.rloo_batch, p.online_steps, i.seed);
             let r = rlhf_train::rloo::train(&cfg)?;
             Trained {
                 model: r.model,

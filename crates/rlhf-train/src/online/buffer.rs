@@ -62,6 +62,29 @@ pub struct RowTensors {
 }
 
 impl Buffer {
+    /// The buffer of a rollout (prompt and completion ids, cut at the policy's EOS ids and
+    /// padded with its pad id) and the completions' metrics (`num_tokens`, `completions/*`),
+    /// as both online trainers start their `prepare`.
+    pub fn from_rollout(
+        policy: &Model,
+        rollout: &crate::online::rollout::Rollout,
+        num_tokens_seen: f64,
+        mask_truncated_completions: bool,
+    ) -> Result<(Self, rlhf_ops::rl::Metrics)> {
+        let pad = policy.tokenizer()?.pad_token_id;
+        let eos = policy.eos_token_ids();
+        let (buf, info) = Self::new(
+            &rollout.prompt_ids,
+            &rollout.completion_ids,
+            &eos,
+            pad,
+            mask_truncated_completions,
+        )?;
+        let prompt_lengths: Vec<usize> = rollout.prompt_ids.iter().map(Vec::len).collect();
+        let metrics = info.metrics(&prompt_lengths, num_tokens_seen).map_err(setting_of)?;
+        Ok((buf, metrics))
+    }
+
     /// Pads the unpadded prompts and kept completions of a generation batch (one prompt
     /// per completion) and reads the masks; the advantages and log-probs are filled later.
     ///
