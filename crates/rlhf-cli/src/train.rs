@@ -175,7 +175,7 @@ macro_rules! online_keys {
   --learning-rate LR  --max-steps N  --num-train-epochs E  --lr-scheduler-type linear|constant
   --logging-steps N  --save-steps N  --save-total-limit N  --resume-from-checkpoint latest|DIR
   --seed S  --bf16  --quiet  --disable-dropout  --report-to tensorboard
-  --use-peft --lora-r R --lora-alpha A --lora-target-modules '[\"q_proj\",\"v_proj\"]'
+  --use-peft --lora-r R --lora-alpha A --lora-target-modules q_proj,v_proj
   --load-in-8bit | --load-in-4bit   LoRA on a quantized base (reference = adapters disabled)
 "
     };
