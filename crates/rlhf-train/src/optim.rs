@@ -57,22 +57,23 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(name: String, var: Var, on_device: bool) -> Result<Self> {
+    /// Moments as zero tensors on the parameter's device when `on_device` (falling back to
+    /// host vectors if that allocation fails), else as host vectors.
+    fn new(name: String, var: Var, on_device: bool) -> Self {
         let n = var.elem_count();
-        let (host, dev) = if on_device {
-            let z = Tensor::zeros(n, DType::F32, var.device())?;
-            (0, Some((z.clone(), z)))
-        } else {
-            (n, None)
-        };
-        Ok(Slot {
+        let dev = on_device
+            .then(|| Tensor::zeros(n, DType::F32, var.device()).ok())
+            .flatten()
+            .map(|z| (z.clone(), z));
+        let host = if dev.is_some() { 0 } else { n };
+        Slot {
             decay: decays(&name),
             name,
             var,
             m: vec![0.0; host],
             v: vec![0.0; host],
             on_device: dev,
-        })
+        }
     }
 }
 
@@ -105,16 +106,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let dev = on_device(&var);
-                // Zeros of the parameter's size on its own device cannot fail short of an
-                // allocation failure; fall back to host moments then.
-                Slot::new(name.clone(), var.clone(), dev).unwrap_or_else(|_| Slot {
-                    decay: decays(&name),
-                    m: vec![0.0; var.elem_count()],
-                    v: vec![0.0; var.elem_count()],
-                    name,
-                    var,
-                    on_device: None,
-                })
+                Slot::new(name, var, dev)
             })
             .collect();
         Self { cfg, slots, step: 0 }

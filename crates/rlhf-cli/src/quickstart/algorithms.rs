@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::DType;
 use rlhf_models::{Fwd, Model};
 use rlhf_train::dpo_config::DpoConfig;
 use rlhf_train::grpo_config::GrpoConfig;
@@ -200,33 +200,27 @@ pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
 
 /// Summed log-probability of each response given its prompt under `model`.
 fn response_logprobs(model: &Model, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<Vec<f64>> {
-    let pad = model.pad_token_id().unwrap_or(0);
+    use rlhf_train::collate::{pad, PadSide};
+    let pad_id = model.pad_token_id().unwrap_or(0);
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(32) {
-        let width = chunk.iter().map(|(q, r)| q.len() + r.len()).max().unwrap_or(1);
-        let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        for (q, r) in chunk {
-            let n = q.len() + r.len();
-            ids.extend(q.iter().chain(r).copied().chain(std::iter::repeat_n(pad, width - n)));
-            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, width - n)));
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(q, r)| [q.as_slice(), r].concat()).collect();
+        let (ids, mask) = pad(&seqs, pad_id, PadSide::Right, model.device())?;
+        let width = ids.dim(1)?;
+        if width < 2 {
+            out.extend(std::iter::repeat_n(0.0, chunk.len()));
+            continue;
         }
-        let b = chunk.len();
-        let ids_t = Tensor::from_vec(ids.clone(), (b, width), &Device::Cpu)?;
-        let mask_t = Tensor::from_vec(mask, (b, width), &Device::Cpu)?;
-        let logits = model.logits(&ids_t, &mask_t, &mut Fwd::eval())?.to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
-        let logp = logits.broadcast_sub(&lse)?;
-        for (row, (q, r)) in chunk.iter().enumerate() {
-            let mut sum = 0.0;
-            let lp = logp.get(row)?;
-            for (k, &tok) in r.iter().enumerate() {
-                // The token at position q.len() + k is predicted at the position before it.
-                if let Some(pos) = (q.len() + k).checked_sub(1) {
-                    sum += lp.get(pos)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
-                }
-            }
-            out.push(sum);
+        let logits = model.logits(&ids, &mask, &mut Fwd::eval())?.to_dtype(DType::F32)?;
+        // Position t predicts the token at t + 1.
+        let lp = rlhf_ops::ppo::logprobs_from_logits(&logits.narrow(1, 0, width - 1)?, &ids.narrow(1, 1, width - 1)?)?
+            .to_vec2::<f32>()?;
+        for (row, (q, r)) in lp.iter().zip(chunk) {
+            // The response's tokens sit at q.len()..; each is predicted one position earlier
+            // (a first token with no prompt before it has no prediction).
+            let start = q.len().max(1) - 1;
+            let end = (q.len() + r.len()).saturating_sub(1);
+            out.push(row[start.min(end)..end].iter().map(|&x| x as f64).sum());
         }
     }
     Ok(out)
