@@ -1,4 +1,4 @@
-//! `rlhf sft`, `rlhf reward`, `rlhf ppo` and `rlhf dpo`: a TOML config and/or `--key value` flags with
+//! `rlhf sft`, `rlhf reward`, `rlhf ppo`, `rlhf dpo`, `rlhf grpo` and `rlhf rloo`: a TOML config and/or `--key value` flags with
 //! TRL's names; Ctrl-C stops a run after its current step with a checkpoint ([`crate::stop`]).
 //! Under `mpirun` / `srun` (a build with the `mpi` feature) the run is one rank of a
 //! data-parallel job ([`rlhf_train::dist`], `docs/scaling.md`).

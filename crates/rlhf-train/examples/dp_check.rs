@@ -2,8 +2,8 @@
 //! a rank of the MPI job it was launched in (or alone), then writes what the test compares.
 //!
 //! `dp_check MODE OUT_DIR [--key value ...]`
-//! - MODE `reward` | `sft` | `dpo` | `ppo-run`: the library trainer, configured by the flags exactly
-//!   as `rlhf reward|sft|dpo|ppo` is;
+//! - MODE `reward` | `sft` | `dpo` | `grpo` | `rloo` | `ppo-run`: the library trainer, configured by
+//!   the flags exactly as `rlhf reward|sft|dpo|grpo|rloo|ppo` is;
 //! - MODE `ppo-fixed`: `PpoTrainer::step` on fixed synthetic rollouts (generation is out of
 //!   scope): `--batch-size` rollouts per rank, `--steps` steps, a policy from
 //!   `--model-name-or-path` with dropout off, a frozen copy as reference, whitening, score
@@ -66,6 +66,8 @@ fn run(args: &[String]) -> Result<()> {
         "reward" => rlhf_train::reward::train(&config::resolve(&flags, "flags")?)?.model,
         "sft" => rlhf_train::sft::train(&config::resolve(&flags, "flags")?)?.model,
         "dpo" => rlhf_train::dpo::train(&config::resolve(&flags, "flags")?)?.model,
+        "grpo" => rlhf_train::grpo::train(&config::resolve(&flags, "flags")?)?.model,
+        "rloo" => rlhf_train::rloo::train(&config::resolve(&flags, "flags")?)?.model,
         "ppo-run" => rlhf_train::ppo_run::train(&config::resolve(&flags, "flags")?)?.model,
         "ppo-fixed" => ppo_fixed(&flags, &mut extra)?,
         other => return Err(TrainError::Config(format!("unknown mode `{other}`"))),

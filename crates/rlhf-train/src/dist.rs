@@ -418,6 +418,26 @@ impl Collective {
             .collect())
     }
 
+    /// Every rank's `mine`, concatenated in rank order, in f64 (rewards keep their precision;
+    /// NaN travels as NaN).
+    pub fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>> {
+        if self.size() == 1 {
+            return Ok(mine.to_vec());
+        }
+        let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(self
+            .all_gather_bytes(&bytes)?
+            .iter()
+            .flat_map(|b| {
+                b.chunks_exact(8).map(|c| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    f64::from_le_bytes(w)
+                })
+            })
+            .collect())
+    }
+
     /// Every rank's token sequences, concatenated in rank order.
     pub fn all_gather_seqs(&self, mine: &[Vec<u32>]) -> Result<Vec<Vec<u32>>> {
         if self.size() == 1 {
@@ -479,6 +499,7 @@ mod tests {
             w.all_gather_seqs(&[vec![1, 2], vec![]]).unwrap(),
             vec![vec![1, 2], vec![]]
         );
+        assert_eq!(w.all_gather_f64(&[1.5, f64::NAN]).unwrap()[0], 1.5);
         let stop = StopSignal::new();
         assert_eq!(w.agree_stop(&stop).unwrap(), None);
         stop.request("SIGTERM");

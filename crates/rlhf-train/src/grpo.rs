@@ -14,13 +14,15 @@
 //! 4. **loss** ([`micro_loss`]): `rlhf_ops::rl::grpo::grpo_loss` on the micro-batch's
 //!    current log-probs, then the shared [`TrainLoop`](crate::trainer::TrainLoop) step.
 //!
-//! The loop, logging and checkpoints are [`crate::online::run`]'s. Deviations from TRL: one
-//! process (no data-parallel GRPO yet), no vLLM, no evaluation-time sampling settings of
-//! their own, plain-text prompts only, and the optimizer windows do not restart at epoch
-//! boundaries (the micro-steps run on across them).
+//! The loop, logging and checkpoints are [`crate::online::run`]'s; with several ranks each
+//! generates and scores its own prompts' groups and takes its part of every micro-batch
+//! ([`rank_share`]). Deviations from TRL: no vLLM, no evaluation-time sampling settings of
+//! their own, the optimizer windows do not restart at epoch boundaries (the micro-steps run
+//! on across them), and across ranks `bnpo` divides by the whole micro-batch's tokens
+//! (TRL: each process's own).
 
 use rlhf_models::Model;
-use rlhf_ops::rl::grpo::{grpo_loss, GrpoLossConfig, GrpoLossInputs};
+use rlhf_ops::rl::grpo::{grpo_loss, GrpoLossConfig, GrpoLossInputs, GrpoLossType, ImportanceSamplingLevel};
 use rlhf_ops::rl::rewards::{group_advantages, reward_metrics};
 use rlhf_ops::rl::Metrics;
 
@@ -30,7 +32,7 @@ use crate::grpo_config::{GrpoConfig, GrpoPlan};
 use crate::online::buffer::{completion_logps, Buffer};
 use crate::online::rollout::Rollout;
 use crate::online::run::{train_online, Algorithm, Job, OnlineOutcome};
-use crate::online::Reference;
+use crate::online::{Pool, Reference};
 use crate::stop::StopSignal;
 
 /// Trains a policy as `GRPOTrainer.train()` does.
@@ -41,7 +43,7 @@ pub fn train(cfg: &GrpoConfig) -> Result<OnlineOutcome> {
 /// [`train`], stopping between optimizer steps once `stop` is requested (the last completed
 /// step is saved as a checkpoint; the error is [`crate::TrainError::Interrupted`]).
 pub fn train_until(cfg: &GrpoConfig, stop: &StopSignal) -> Result<OnlineOutcome> {
-    let plan = cfg.plan(1)?;
+    let plan = cfg.plan(crate::dist::world().size())?;
     let job = Job {
         name: "grpo",
         model_name_or_path: &cfg.model_name_or_path,
@@ -99,32 +101,73 @@ pub fn prepare(
     Ok((buf, metrics))
 }
 
-/// Stage 4: the loss of micro-batch `rows` of the buffer (already divided for `ga`
-/// accumulated micro-batches) and its metrics (`entropy`, `kl`, `clip_ratio/*`).
+/// This rank's part of a micro-batch's loss: the loss of its rows `mine` times this share
+/// is what they contribute to the loss of the whole micro-batch `global` (all ranks' rows),
+/// so the ranks' gradients sum to the one-process gradient. 1 on one process.
+pub fn rank_share(plan: &GrpoPlan, buf: &Buffer, mine: &[usize], global: &[usize]) -> f64 {
+    if mine.len() == global.len() {
+        return 1.0;
+    }
+    match plan.loss.loss_type {
+        // Token sums over the generation batch's count: already a part of the whole.
+        GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => 1.0,
+        // A token mean over the micro-batch: re-weighted to the whole micro-batch's tokens.
+        GrpoLossType::Bnpo => {
+            let tokens = |rows: &[usize]| -> f64 {
+                rows.iter()
+                    .map(|&r| buf.completion_mask[r].iter().map(|&m| f64::from(m)).sum::<f64>())
+                    .sum()
+            };
+            tokens(mine).max(1.0) / tokens(global).max(1.0)
+        }
+        // Means over rows (dr_grpo: a sum over `B · max_completion_length`).
+        _ => mine.len() as f64 / global.len().max(1) as f64,
+    }
+}
+
+/// How a micro-batch metric of [`micro_loss`] pools over ranks.
+pub fn metric_pool(plan: &GrpoPlan, key: &str) -> Pool {
+    let per_token = plan.loss.importance_sampling_level == ImportanceSamplingLevel::Token;
+    match key {
+        k if k.ends_with("_min") => Pool::Min,
+        k if k.ends_with("_max") => Pool::Max,
+        "entropy" | "kl" => Pool::Tokens,
+        "vespo/phi_seq_mean" => Pool::Rows,
+        _ if per_token => Pool::Tokens,
+        _ => Pool::Rows,
+    }
+}
+
+/// Stage 4: this rank's part `mine` of the loss of micro-batch `global` (rows of the buffer;
+/// the same on one process), already divided for `ga` accumulated micro-batches, and its
+/// metrics over `mine` (`entropy`, `kl`, `clip_ratio/*`).
 pub fn micro_loss(
     policy: &Model,
     plan: &GrpoPlan,
     buf: &Buffer,
-    rows: &[usize],
+    (mine, global): (&[usize], &[usize]),
     ga: usize,
     fwd: &mut rlhf_models::Fwd,
 ) -> Result<(candle_core::Tensor, Metrics)> {
     let dev = policy.device();
-    let x = buf.tensors(rows, dev)?;
+    let x = buf.tensors(mine, dev)?;
     let (logps, entropy) = completion_logps(policy, &x, plan.online.temperature, fwd)?;
     let old = buf
         .old_logps
         .as_ref()
-        .map(|t| Buffer::rows_of(t, rows, dev))
+        .map(|t| Buffer::rows_of(t, mine, dev))
         .transpose()?;
     let reference = buf
         .ref_logps
         .as_ref()
-        .map(|t| Buffer::rows_of(t, rows, dev))
+        .map(|t| Buffer::rows_of(t, mine, dev))
         .transpose()?;
-    let advantages = buf.advantages_of(rows, dev)?;
+    let advantages = buf.advantages_of(mine, dev)?;
+    // Gradients are summed over ranks, not averaged: the token-sum types divide by the whole
+    // generation batch's count, not by its per-process share.
     let cfg = GrpoLossConfig {
         gradient_accumulation_steps: ga,
+        num_processes: 1,
         ..plan.loss
     };
     let inputs = GrpoLossInputs {
@@ -137,5 +180,11 @@ pub fn micro_loss(
         num_items_in_batch: buf.num_items,
     };
     let out = grpo_loss(&inputs, &cfg).map_err(setting_of)?;
-    Ok((out.loss, out.metrics))
+    let share = rank_share(plan, buf, mine, global);
+    let loss = if share == 1.0 {
+        out.loss
+    } else {
+        out.loss.affine(share, 0.0)?
+    };
+    Ok((loss, out.metrics))
 }

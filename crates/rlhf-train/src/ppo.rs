@@ -163,6 +163,30 @@ impl PpoTrainer {
         Ok(out)
     }
 
+    /// Responses of `queries`, row `i` sampled from `streams[i]` (batched, each prompt
+    /// prefilled once), each cut after its first EOS: what a row samples does not depend on
+    /// the rows beside it, so a batch split over ranks samples what one process would.
+    pub fn generate_rows(
+        &self,
+        queries: &[Vec<u32>],
+        gen: &GenerationConfig,
+        streams: &mut [RngStream],
+    ) -> Result<Vec<Vec<u32>>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let g = self.model.generate_groups(queries, 1, gen, streams)?;
+        Ok(g.response_ids
+            .into_iter()
+            .map(|mut r| {
+                if let Some(p) = r.iter().position(|t| gen.eos_token_id.contains(t)) {
+                    r.truncate(p + 1);
+                }
+                r
+            })
+            .collect())
+    }
+
     /// One PPO optimisation step on a batch of `batch_size` (query, response, score); with
     /// several ranks, this rank's part of the global batch (module docs).
     pub fn step(&mut self, queries: &[Vec<u32>], responses: &[Vec<u32>], scores: &[f32]) -> Result<Stats> {

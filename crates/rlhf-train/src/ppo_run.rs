@@ -3,7 +3,9 @@
 //!
 //! With several ranks ([`crate::dist`]) a step's prompts are `batch_size` per rank: each
 //! rank generates and scores its own, [`PpoTrainer::step`] makes the batch global, and rank 0
-//! logs and saves.
+//! logs and saves. Each response is sampled from the stream of its index in the step's global
+//! batch ([`step_streams`]), so what is sampled depends neither on the number of ranks nor on
+//! a resume.
 
 use std::path::{Path, PathBuf};
 
@@ -108,7 +110,6 @@ impl Default for PpoRunConfig {
 #[derive(Serialize, Deserialize)]
 struct RunState {
     ppo: PpoState,
-    generation: (u64, u64),
     /// Ranks of the run (absent: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     world_size: Option<usize>,
@@ -234,7 +235,6 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         eos_token_id: trainer.model.eos_token_ids(),
         pad_token_id: tok.pad_token_id,
     };
-    let mut gen_rng = RngStream::new(cfg.ppo.seed.wrapping_add(2));
     if let Some(ckpt) = &resume {
         let p = ckpt.join("trainer_state.json");
         let text = std::fs::read_to_string(&p).map_err(|source| TrainError::Io {
@@ -245,10 +245,6 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
             serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", p.display())))?;
         crate::dist::check_resume_ranks(ckpt, st.world_size)?;
         trainer.restore(&st.ppo, &load_tensors(&ckpt.join("optimizer.safetensors"))?)?;
-        gen_rng = RngStream {
-            seed: st.generation.0,
-            counter: st.generation.1,
-        };
         run.truncate_metrics_after(trainer.current_step)?;
     }
     let total = cfg.ppo.total_ppo_steps();
@@ -277,22 +273,25 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
     let mut reward_means = Vec::new();
     let mut last_ckpt: Option<PathBuf> = resume.clone();
     while trainer.current_step < total {
-        let save = || save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit);
+        let save = || save_checkpoint(&run, &trainer, cfg.save_total_limit);
         crate::stop::stop_if_requested(stop, &run, trainer.current_step, total, save)
             .inspect_err(|_| progress.finish_and_clear())?;
         let s = trainer.current_step;
         let perm = permutation(prompts.len(), cfg.ppo.seed.wrapping_add(s / per_epoch));
         let start = (s % per_epoch) as usize * bs;
-        // This rank's part of the step's prompts, generated from its own stream.
+        // This rank's part of the step's prompts, each sampled from its own stream.
         let mine = crate::dist::split(bs, dist.rank(), dist.size());
         let batch: Vec<&(String, Vec<u32>)> = perm[start + mine.start..start + mine.end]
             .iter()
             .map(|&i| &prompts[i])
             .collect();
         let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-        let mut rng = dist.rank_stream(&gen_rng);
-        let responses = trainer.generate(&queries, &gen, sampler, cfg.ppo.batch_size, &mut rng)?;
-        dist.agree_stream(&mut gen_rng, &rng)?;
+        let (mut streams, max_new_tokens) = step_streams(cfg.ppo.seed, s, bs, sampler, gen.max_new_tokens);
+        let step_gen = GenerationConfig {
+            max_new_tokens,
+            ..gen.clone()
+        };
+        let responses = trainer.generate_rows(&queries, &step_gen, &mut streams[mine.clone()])?;
         let texts: Vec<String> = responses
             .iter()
             .map(|r| tok.decode(r, true))
@@ -323,7 +322,7 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
             say(table);
         }
         if cfg.save_steps > 0 && trainer.current_step % cfg.save_steps == 0 && trainer.current_step < total {
-            last_ckpt = Some(save_checkpoint(&run, &trainer, &gen_rng, cfg.save_total_limit)?);
+            last_ckpt = Some(save_checkpoint(&run, &trainer, cfg.save_total_limit)?);
         }
     }
     progress.finish_and_clear();
@@ -351,13 +350,34 @@ fn length_sampler(cfg: &PpoRunConfig) -> Result<Option<(usize, usize)>> {
     }
 }
 
-/// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments, the trainer's
-/// state and the position of the generation stream.
-fn save_checkpoint(run: &RunDir, trainer: &PpoTrainer, gen_rng: &RngStream, limit: Option<usize>) -> Result<PathBuf> {
+/// The sampling streams of step `step`, one per prompt of its global batch of `rows`
+/// (stream `i` a function of `(seed, step, i)` alone), and the step's `max_new_tokens`:
+/// drawn from `[lo, hi)` by a stream of `(seed, step)` when a length sampler is set (one
+/// length per step, as TRL draws one per `generate` call), else `max_new_tokens`.
+pub fn step_streams(
+    seed: u64,
+    step: u64,
+    rows: usize,
+    length_sampler: Option<(usize, usize)>,
+    max_new_tokens: usize,
+) -> (Vec<RngStream>, usize) {
+    let streams = crate::online::rollout::completion_streams(seed.wrapping_add(2), step, rows);
+    let len = match length_sampler {
+        Some((lo, hi)) => {
+            let mut rng = RngStream::new(seed.wrapping_add(3) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            lo + rng.below(hi.saturating_sub(lo).max(1))
+        }
+        None => max_new_tokens,
+    };
+    (streams, len)
+}
+
+/// Saves `checkpoint-<step>/`: the policy (and value head), optimizer moments and the
+/// trainer's state.
+fn save_checkpoint(run: &RunDir, trainer: &PpoTrainer, limit: Option<usize>) -> Result<PathBuf> {
     let ranks = crate::dist::world().size();
     let state = RunState {
         ppo: trainer.state(),
-        generation: (gen_rng.seed, gen_rng.counter),
         world_size: (ranks > 1).then_some(ranks),
     };
     let bytes = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;

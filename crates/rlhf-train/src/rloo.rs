@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::online::buffer::{completion_logps, Buffer};
 use crate::online::rollout::Rollout;
 use crate::online::run::{train_online, Algorithm, Job, OnlineOutcome};
-use crate::online::Reference;
+use crate::online::{Pool, Reference};
 use crate::rloo_config::{RlooConfig, RlooPlan};
 use crate::stop::StopSignal;
 
@@ -32,7 +32,7 @@ pub fn train(cfg: &RlooConfig) -> Result<OnlineOutcome> {
 
 /// [`train`], stopping between optimizer steps once `stop` is requested.
 pub fn train_until(cfg: &RlooConfig, stop: &StopSignal) -> Result<OnlineOutcome> {
-    let plan = cfg.plan(1)?;
+    let plan = cfg.plan(crate::dist::world().size())?;
     let job = Job {
         name: "rloo",
         model_name_or_path: &cfg.model_name_or_path,
@@ -89,24 +89,36 @@ pub fn prepare(
     Ok((buf, metrics))
 }
 
-/// Stage 4: the loss of micro-batch `rows` (divided by `ga`) and its metrics (`entropy`,
-/// `clip_ratio/*`).
+/// How a micro-batch metric of [`micro_loss`] pools over ranks: the clip ratios are means
+/// over sequences, the entropy over tokens.
+pub fn metric_pool(key: &str) -> Pool {
+    match key {
+        k if k.ends_with("_min") => Pool::Min,
+        k if k.ends_with("_max") => Pool::Max,
+        "entropy" => Pool::Tokens,
+        _ => Pool::Rows,
+    }
+}
+
+/// Stage 4: this rank's part `mine` of the loss of micro-batch `global` (the sequence mean
+/// weighted by the part's share of rows; divided by `ga`) and its metrics over `mine`
+/// (`entropy`, `clip_ratio/*`).
 pub fn micro_loss(
     policy: &Model,
     plan: &RlooPlan,
     buf: &Buffer,
-    rows: &[usize],
+    (mine, global): (&[usize], &[usize]),
     ga: usize,
     fwd: &mut rlhf_models::Fwd,
 ) -> Result<(Tensor, Metrics)> {
     let dev = policy.device();
-    let x = buf.tensors(rows, dev)?;
+    let x = buf.tensors(mine, dev)?;
     let (logps, entropy) = completion_logps(policy, &x, plan.online.temperature, fwd)?;
     let old = buf.old_logps.as_ref().ok_or_else(|| {
         crate::TrainError::Config("internal: an RLOO buffer without the sampling policy's log-probs".into())
     })?;
-    let old = masked_sequence_sum(&Buffer::rows_of(old, rows, dev)?, &x.mask).map_err(setting_of)?;
-    let advantages = buf.advantages_of(rows, dev)?;
+    let old = masked_sequence_sum(&Buffer::rows_of(old, mine, dev)?, &x.mask).map_err(setting_of)?;
+    let advantages = buf.advantages_of(mine, dev)?;
     let inputs = RlooLossInputs {
         logps: &logps,
         mask: &x.mask,
@@ -115,5 +127,11 @@ pub fn micro_loss(
         entropy: &entropy,
     };
     let out = rloo_loss(&inputs, &plan.loss).map_err(setting_of)?;
-    Ok(((out.loss / ga as f64)?, out.metrics))
+    let loss = if mine.len() == global.len() {
+        (out.loss / ga as f64)?
+    } else {
+        out.loss
+            .affine(mine.len() as f64 / (global.len() as f64 * ga as f64), 0.0)?
+    };
+    Ok((loss, out.metrics))
 }

@@ -468,6 +468,12 @@ impl TrainLoop {
     /// Saves `checkpoint-<step>/`: the model, optimizer moments and loop state (rank 0
     /// writes, every rank returns once it is complete).
     pub fn save_checkpoint(&mut self, model: &Model) -> Result<PathBuf> {
+        self.save_checkpoint_with(model, |_| Ok(()))
+    }
+
+    /// [`TrainLoop::save_checkpoint`] plus a trainer's own files, written by `extra` into
+    /// the temporary directory, so they are part of the checkpoint's atomic rename.
+    pub fn save_checkpoint_with(&mut self, model: &Model, extra: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let step = self.state.global_step;
         let ranks = crate::dist::world().size();
         self.state.world_size = (ranks > 1).then_some(ranks);
@@ -476,6 +482,7 @@ impl TrainLoop {
         let dir = self.run.save_checkpoint(step, self.args.save_total_limit, |tmp| {
             crate::peft_args::save_trained(model, tmp)?;
             save_tensors(&opt, &tmp.join("optimizer.safetensors"))?;
+            extra(tmp)?;
             write_atomic(&tmp.join("trainer_state.json"), &state)
         })?;
         self.last_checkpoint = Some(dir.clone());
@@ -486,8 +493,19 @@ impl TrainLoop {
     /// last completed step (unless it is there already) and returns
     /// [`TrainError::Interrupted`] naming it. Call between optimizer steps only.
     pub fn stop_if_requested(&mut self, model: &Model, stop: &StopSignal) -> Result<()> {
+        self.stop_if_requested_with(model, stop, |_| Ok(()))
+    }
+
+    /// [`TrainLoop::stop_if_requested`], the checkpoint holding `extra`'s files too
+    /// ([`TrainLoop::save_checkpoint_with`]).
+    pub fn stop_if_requested_with(
+        &mut self,
+        model: &Model,
+        stop: &StopSignal,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
         let (run, step, total) = (self.run.clone(), self.state.global_step, self.total_steps);
-        let out = crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint(model));
+        let out = crate::stop::stop_if_requested(stop, &run, step, total, || self.save_checkpoint_with(model, extra));
         if out.is_err() {
             self.progress.finish_and_clear();
         }

@@ -1,6 +1,6 @@
 //! Data-parallel invariants over MPI: two ranks at per-rank batch `b` train the same model
 //! as one process at batch `2b` (weights within 1e-5 relative, ranks identical), for the
-//! reward, SFT, DPO and PPO trainers; a rank killed with SIGKILL leaves the last checkpoint
+//! reward, SFT, DPO, GRPO, RLOO and PPO trainers (sampling included for GRPO and RLOO); a rank killed with SIGKILL leaves the last checkpoint
 //! loadable, and resuming gives the uninterrupted run's result.
 //!
 //! The ranks are `examples/dp_check.rs`, built here with `--features mpi` (the default
@@ -168,7 +168,8 @@ fn compare(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f6
 /// Two ranks at per-rank batch sizes `batches` (flag, size) against one at twice each, same
 /// everything else: weights within 1e-5 relative, ranks identical, and a real update.
 fn two_ranks_equal_one(mode: &str, batches: &[(&str, usize)], common: &[(&str, String)]) {
-    let init = &workspace().join("fixtures/tiny-gpt2/model.safetensors");
+    let model = common.iter().find(|(k, _)| *k == "model_name_or_path").map(|(_, v)| v);
+    let init = &Path::new(model.expect("model_name_or_path")).join("model.safetensors");
     let Some(bin) = dp_check() else { return };
     let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
@@ -286,6 +287,63 @@ fn sft_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     two_ranks_equal_one("sft", &[("per_device_train_batch_size", 2)], &common);
 }
 
+/// Distinct prompts of the PPO prompt fixture, `n` of them, as a `prompt` file.
+fn prompts(dir: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(fixture("fixtures/data/ppo_prompts.jsonl")).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let rows: Vec<&str> = text.lines().filter(|l| seen.insert(*l)).take(n).collect();
+    assert_eq!(rows.len(), n);
+    let p = dir.join(format!("prompts-{n}.jsonl"));
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p.display().to_string()
+}
+
+/// A sampled online run: 3 prompts × 4 completions per generation batch over the ranks,
+/// so the groups split unevenly (one rank samples 1 prompt, the other 2) and every
+/// statistic of the group and of the batch needs the other rank's completions. Adam's
+/// epsilon at 1e-4 as for DPO: the two runs agree on the loss to ~1e-7 relative, and entries
+/// whose gradient is that rounding noise would otherwise move by ±lr.
+fn online_common(data: String, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut f = train_common(data, &[("num_generations", "4"), ("max_completion_length", "8")]);
+    f.retain(|(k, _)| *k != "max_length");
+    f.extend([
+        ("temperature", "1.0".to_string()),
+        ("reward_funcs", "regex_match".to_string()),
+        ("reward_regex", "[0-9]".to_string()),
+        ("learning_rate", "2e-3".to_string()),
+        ("steps_per_generation", "2".to_string()),
+        ("adam_epsilon", "1e-4".to_string()),
+    ]);
+    f.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    f
+}
+
+#[test]
+fn grpo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    // Generation batches of 12 completions (6 per micro-batch × steps_per_generation 2) served
+    // twice (num_iterations 2: old log-probs and clipping), a reference (beta > 0, split
+    // no-grad passes), bnpo (a token mean re-weighted across ranks), gradient clipping.
+    let common = online_common(
+        prompts(dir.path(), 9),
+        &[
+            ("num_iterations", "2"),
+            ("beta", "0.04"),
+            ("loss_type", "bnpo"),
+            ("max_grad_norm", "0.5"),
+            ("gradient_accumulation_steps", "2"),
+        ],
+    );
+    two_ranks_equal_one("grpo", &[("per_device_train_batch_size", 3)], &common);
+}
+
+#[test]
+fn rloo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = online_common(prompts(dir.path(), 9), &[("beta", "0.05")]);
+    two_ranks_equal_one("rloo", &[("per_device_train_batch_size", 3)], &common);
+}
+
 #[test]
 fn ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     // Fixed rollouts: whitening, score scaling, the adaptive KL controller and the ratio
@@ -296,6 +354,43 @@ fn ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
         ("steps", "2".to_string()),
     ];
     two_ranks_equal_one("ppo-fixed", &[("batch_size", 4), ("mini_batch_size", 2)], &common);
+}
+
+#[test]
+fn sampled_ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
+    // The whole `rlhf ppo` loop with sampling: each response comes from the stream of its
+    // index in the step's global batch, so the ranks sample what one process samples. A
+    // Llama-family policy: GPT-2's key biases have an exactly zero gradient (softmax is
+    // shift-invariant), which Adam turns into moves of the size of their rounding noise.
+    // Dropout off, the value head's included (TRL's `summary_dropout_prob` defaults to 0.1):
+    // dropout masks are still drawn per rank.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    for e in std::fs::read_dir(workspace().join("fixtures/families/tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), policy.join(e.file_name())).unwrap();
+    }
+    let cfg_path = policy.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["summary_dropout_prob"] = serde_json::json!(0.0);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let common = vec![
+        ("model_name_or_path", policy.display().to_string()),
+        ("reward_model_path", fixture("fixtures/families/tiny-llama-seqcls")),
+        ("train_file", fixture("fixtures/data/ppo_prompts.jsonl")),
+        ("max_new_tokens", "6".to_string()),
+        ("learning_rate", "1e-3".to_string()),
+        ("gradient_accumulation_steps", "2".to_string()),
+        ("save_steps", "0".to_string()),
+        ("log_samples", "0".to_string()),
+        ("quiet", "true".to_string()),
+    ];
+    two_ranks_equal_one(
+        "ppo-run",
+        &[("batch_size", 4), ("mini_batch_size", 2), ("steps", 8)],
+        &common,
+    );
 }
 
 #[test]

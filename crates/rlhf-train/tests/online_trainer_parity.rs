@@ -208,7 +208,7 @@ fn the_grpo_trainer_path_matches_trl_on_every_case() {
             set_state(&mut policy, "current");
         }
         let (loss, grad_norm, m) = loss_and_grad(&policy, &buf, |p, b, r, fwd| {
-            rlhf_train::grpo::micro_loss(p, &plan, b, r, 1, fwd).unwrap()
+            rlhf_train::grpo::micro_loss(p, &plan, b, (r, r), 1, fwd).unwrap()
         });
         assert!(
             close(loss, num(&case["loss"]), 1e-4, 1e-6),
@@ -287,7 +287,7 @@ fn the_rloo_trainer_path_matches_trl_on_every_case() {
             set_state(&mut policy, "current");
         }
         let (loss, grad_norm, m) = loss_and_grad(&policy, &buf, |p, b, r, fwd| {
-            rlhf_train::rloo::micro_loss(p, &plan, b, r, 1, fwd).unwrap()
+            rlhf_train::rloo::micro_loss(p, &plan, b, (r, r), 1, fwd).unwrap()
         });
         // The ratio is exp of a difference of sums of 8 f32 log-probs (~ -80): their
         // rounding (~5e-6) survives in a loss that is a near-cancelling mean of ±A·ratio.
@@ -363,7 +363,7 @@ fn two_grpo_steps_on_one_buffered_batch_match_trl_train() {
             let r = Reference::Frozen(reference);
             rlhf_train::grpo::prepare(policy, &r, &plan, &rollout, &rewards, 0.0, false).unwrap()
         },
-        |p, b, r, fwd| rlhf_train::grpo::micro_loss(p, &plan, b, r, 1, fwd).unwrap(),
+        |p, b, r, fwd| rlhf_train::grpo::micro_loss(p, &plan, b, (r, r), 1, fwd).unwrap(),
     );
 }
 
@@ -397,6 +397,6 @@ fn two_rloo_steps_on_one_buffered_batch_match_trl_train() {
             let r = Reference::Frozen(reference);
             rlhf_train::rloo::prepare(policy, &r, &plan, &rollout, &rewards, 0.0, false).unwrap()
         },
-        |p, b, r, fwd| rlhf_train::rloo::micro_loss(p, &plan, b, r, 1, fwd).unwrap(),
+        |p, b, r, fwd| rlhf_train::rloo::micro_loss(p, &plan, b, (r, r), 1, fwd).unwrap(),
     );
 }

@@ -82,7 +82,7 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
         let all: Vec<usize> = (0..buf.len()).collect();
         let (loss, _) = {
             let mut fwd = Fwd::train(&mut dropout).with_sink(&sink);
-            rlhf_train::grpo::micro_loss(&model, &plan, &buf, &all, 1, &mut fwd)?
+            rlhf_train::grpo::micro_loss(&model, &plan, &buf, (&all, &all), 1, &mut fwd)?
         };
         let t_fwd = t.elapsed().as_secs_f64();
         let t = Instant::now();

@@ -194,7 +194,8 @@ impl Buffer {
 
     /// Per-token log-probs `(B, C)` of every row without gradients, in chunks of `chunk`
     /// rows (TRL scores the buffer in micro-batches); `adapters = false` is the reference
-    /// of a LoRA policy.
+    /// of a LoRA policy. With several ranks each computes a contiguous part of the rows
+    /// and every rank gets all of them.
     pub fn logps_no_grad(
         &self,
         model: &Model,
@@ -202,9 +203,10 @@ impl Buffer {
         chunk: usize,
         adapters: bool,
     ) -> Result<Vec<Vec<f32>>> {
+        let dist = crate::dist::world();
+        let mine: Vec<usize> = crate::dist::split(self.len(), dist.rank(), dist.size()).collect();
         let mut out = Vec::with_capacity(self.len());
-        let all: Vec<usize> = (0..self.len()).collect();
-        for rows in all.chunks(chunk.max(1)) {
+        for rows in mine.chunks(chunk.max(1)) {
             let x = self.tensors(rows, model.device())?;
             let mut fwd = if adapters {
                 Fwd::eval()
@@ -214,7 +216,16 @@ impl Buffer {
             let (lp, _) = completion_logps(model, &x, temperature, &mut fwd)?;
             out.extend(lp.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
-        Ok(out)
+        if dist.size() == 1 {
+            return Ok(out);
+        }
+        let c = self.completion_ids.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = out.into_iter().flatten().collect();
+        Ok(dist
+            .all_gather_f32(&flat)?
+            .chunks(c.max(1))
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 

@@ -9,8 +9,10 @@ pub mod run;
 use std::collections::BTreeMap;
 
 use rlhf_models::Model;
+use rlhf_ops::rl::Metrics;
 use serde::{Deserialize, Serialize};
 
+use crate::dist::{world, ReduceOp};
 use crate::error::Result;
 use buffer::Buffer;
 
@@ -73,4 +75,75 @@ impl MetricLog {
             .map(|(k, (s, n))| (k, s / n.max(1) as f64))
             .collect()
     }
+}
+
+/// How a micro-batch metric of one rank's rows combines with the other ranks' into the
+/// whole micro-batch's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// A mean over completion tokens.
+    Tokens,
+    /// A mean over completions.
+    Rows,
+    /// The minimum, NaN ignored (`nanmin`).
+    Min,
+    /// The maximum, NaN ignored (`nanmax`).
+    Max,
+}
+
+/// Turns this rank's micro-batch metrics `m` (over its `rows` completions holding `tokens`
+/// completion tokens) into the whole micro-batch's, as one process holding every rank's rows
+/// computes them (up to the order of sums). The identity on one process. A mean that is not
+/// finite on a rank that holds rows is NaN everywhere; min/max skip NaN and are NaN when
+/// every rank's is.
+pub fn pool_metrics(m: &mut Metrics, rows: f64, tokens: f64, pool: &dyn Fn(&str) -> Pool) -> Result<()> {
+    let dist = world();
+    if dist.size() == 1 {
+        return Ok(());
+    }
+    let joined = m.keys().cloned().collect::<Vec<_>>().join("\n");
+    let mut keys = std::collections::BTreeSet::new();
+    for bytes in dist.all_gather_bytes(joined.as_bytes())? {
+        let s = String::from_utf8_lossy(&bytes).into_owned();
+        keys.extend(s.split('\n').filter(|k| !k.is_empty()).map(str::to_string));
+    }
+    let keys: Vec<String> = keys.into_iter().collect();
+    let n = keys.len();
+    // sums: [Σ v·w, Σ w, non-finite count] per key; extremes: min, or −max, per key.
+    let mut sums = vec![0.0; 3 * n];
+    let mut extremes = vec![f64::INFINITY; n];
+    for (i, k) in keys.iter().enumerate() {
+        let Some(&v) = m.get(k) else { continue };
+        match pool(k) {
+            Pool::Min if !v.is_nan() => extremes[i] = v,
+            Pool::Max if !v.is_nan() => extremes[i] = -v,
+            Pool::Min | Pool::Max => {}
+            kind => {
+                let w = if kind == Pool::Tokens { tokens } else { rows };
+                if w <= 0.0 {
+                    continue;
+                }
+                if !v.is_finite() {
+                    sums[2 * n + i] = 1.0;
+                }
+                sums[i] = v * w;
+                sums[n + i] = w;
+            }
+        }
+    }
+    dist.all_reduce_f64(&mut sums, ReduceOp::Sum)?;
+    dist.all_reduce_f64(&mut extremes, ReduceOp::Min)?;
+    m.clear();
+    for (i, k) in keys.into_iter().enumerate() {
+        let extreme = |x: f64| if x.is_finite() { x } else { f64::NAN };
+        let v = match pool(&k) {
+            Pool::Min => extreme(extremes[i]),
+            Pool::Max => -extreme(extremes[i]),
+            _ if sums[2 * n + i] > 0.0 => f64::NAN,
+            _ if sums[n + i] > 0.0 => sums[i] / sums[n + i],
+            _ => f64::NAN,
+        };
+        m.insert(k, v);
+    }
+    Ok(())
 }

@@ -24,7 +24,7 @@ pub enum Sampler<'a> {
 
 /// A generation batch before scoring: one entry per completion, a prompt's `G`
 /// completions consecutive.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Rollout {
     /// Unpadded prompt ids of each completion's prompt.
     pub prompt_ids: Vec<Vec<u32>>,
@@ -32,6 +32,43 @@ pub struct Rollout {
     pub completion_ids: Vec<Vec<u32>>,
     /// Completion texts, special tokens skipped (what reward functions read).
     pub texts: Vec<String>,
+}
+
+impl Rollout {
+    /// Every rank's rollout in rank order: the generation batch as one process holding all
+    /// of it would see it (`self` on one process).
+    pub fn gather(self) -> Result<Self> {
+        let dist = crate::dist::world();
+        if dist.size() == 1 {
+            return Ok(self);
+        }
+        let json = serde_json::to_vec(&self.texts).map_err(|e| crate::TrainError::Dist(e.to_string()))?;
+        let mut texts = Vec::new();
+        for bytes in dist.all_gather_bytes(&json)? {
+            let part: Vec<String> =
+                serde_json::from_slice(&bytes).map_err(|e| crate::TrainError::Dist(e.to_string()))?;
+            texts.extend(part);
+        }
+        Ok(Self {
+            prompt_ids: dist.all_gather_seqs(&self.prompt_ids)?,
+            completion_ids: dist.all_gather_seqs(&self.completion_ids)?,
+            texts,
+        })
+    }
+}
+
+/// Every rank's rows of a reward table of `cols` functions, in rank order.
+pub fn gather_table(table: &[Vec<f64>], cols: usize) -> Result<Vec<Vec<f64>>> {
+    let dist = crate::dist::world();
+    if dist.size() == 1 {
+        return Ok(table.to_vec());
+    }
+    let flat: Vec<f64> = table.iter().flatten().copied().collect();
+    Ok(dist
+        .all_gather_f64(&flat)?
+        .chunks(cols.max(1))
+        .map(<[f64]>::to_vec)
+        .collect())
 }
 
 /// One stream per completion of generation batch `generation` (`rows` completions): stream

@@ -24,8 +24,8 @@ use rlhf_ops::sink::GradSink;
 use serde::{Deserialize, Serialize};
 
 use super::buffer::Buffer;
-use super::rollout::{completion_streams, generate, score, Sampler};
-use super::{MetricLog, Reference};
+use super::rollout::{completion_streams, gather_table, generate, score, Rollout, Sampler};
+use super::{pool_metrics, MetricLog, Pool, Reference};
 use crate::checkpoint::write_atomic;
 use crate::config_values::setting_of;
 use crate::data::{read_prompt_rows, PromptRow, PromptSet};
@@ -82,18 +82,27 @@ impl Algorithm<'_> {
         }
     }
 
-    /// Stage 4 ([`crate::grpo::micro_loss`], [`crate::rloo::micro_loss`]).
+    /// Stage 4 ([`crate::grpo::micro_loss`], [`crate::rloo::micro_loss`]): this rank's
+    /// part `rows.0` of micro-batch `rows.1`.
     pub fn micro_loss(
         &self,
         policy: &Model,
         buf: &Buffer,
-        rows: &[usize],
+        rows: (&[usize], &[usize]),
         ga: usize,
         fwd: &mut rlhf_models::Fwd,
     ) -> Result<(candle_core::Tensor, Metrics)> {
         match self {
             Self::Grpo(p) => crate::grpo::micro_loss(policy, p, buf, rows, ga, fwd),
             Self::Rloo(p) => crate::rloo::micro_loss(policy, p, buf, rows, ga, fwd),
+        }
+    }
+
+    /// How each micro-batch metric pools over ranks.
+    pub fn metric_pool(&self, key: &str) -> Pool {
+        match self {
+            Self::Grpo(p) => crate::grpo::metric_pool(p, key),
+            Self::Rloo(_) => crate::rloo::metric_pool(key),
         }
     }
 }
@@ -198,12 +207,6 @@ pub fn train_online<C: Serialize>(
 ) -> Result<OnlineOutcome> {
     let args = job.args;
     let _precision = rlhf_ops::precision::PrecisionGuard::for_run(args.bf16);
-    if crate::dist::world().size() > 1 {
-        return Err(TrainError::Config(format!(
-            "rlhf {} runs on one process; hint: launch it without mpirun / srun",
-            job.name
-        )));
-    }
     let plan = algo.online().clone();
     for w in &plan.warnings {
         tracing::warn!("{w}");
@@ -239,12 +242,13 @@ pub fn train_online<C: Serialize>(
         .map(|p| tokenize_prompts(&model, p, plan.max_completion_length))
         .transpose()?;
     let length = plan.run_length(train.ids.len(), args)?;
-    let bs = plan.per_device_train_batch_size;
+    // TrainLoop counts micro-batches of `per_device_train_batch_size` per rank.
+    let global_bs = plan.per_device_train_batch_size * plan.num_processes;
     let mut lp = TrainLoop::new(
         args.clone(),
         run,
         trainable_params(&model),
-        length.micro_steps_per_epoch as usize * bs,
+        length.micro_steps_per_epoch as usize * global_bs,
     )?;
     let tok = model.tokenizer()?.clone();
     let gen_cfg = plan.generation_config(model.eos_token_ids(), tok.pad_token_id);
@@ -284,11 +288,8 @@ pub fn train_online<C: Serialize>(
     let mut rewards = Vec::new();
     let mut last_eval = None;
     while !lp.done() {
+        lp.stop_if_requested_with(&model, stop, |dir| write_state(dir, &state))?;
         let step = lp.state.global_step;
-        if stop.requested().is_some() && step > 0 && lp.run.complete_checkpoint(step).is_none() {
-            save(&mut lp, &model, &state)?;
-        }
-        lp.stop_if_requested(&model, stop)?;
         let (grads, samples) = ctx.gradients(&mut lp, &mut state, &mut funcs, &mut rewards)?;
         // 3. the optimizer step. TrainLoop divides what it accumulated by the steps of the
         // logging window: hand it TRL's means, scaled, on the step that logs (none before).
@@ -351,6 +352,7 @@ impl Step<'_> {
         rewards: &mut Vec<f64>,
     ) -> Result<(Grads, usize)> {
         let (plan, ga) = (self.plan, self.args.gradient_accumulation_steps);
+        let dist = crate::dist::world();
         let vars: Vec<_> = lp.opt.vars().into_iter().cloned().collect();
         let var_refs: Vec<_> = vars.iter().collect();
         let mut grads = Grads::new(vars.len());
@@ -371,30 +373,50 @@ impl Step<'_> {
                 .buffer
                 .as_ref()
                 .expect("invariant: a generation batch is buffered");
-            let rows = buf.slice_rows(
+            // The micro-batch of all ranks; this rank takes its contiguous part.
+            let global = buf.slice_rows(
                 within as usize % plan.steps_per_generation,
-                plan.per_device_train_batch_size,
+                plan.per_device_train_batch_size * plan.num_processes,
             );
-            let mut rng = lp.dropout_rng();
-            let sink = GradSink::new();
-            let mut fwd = rlhf_models::Fwd::train(&mut rng).with_sink(&sink);
-            let (loss, m) = self.algo.micro_loss(self.model, buf, &rows, ga, &mut fwd)?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
+            let part = crate::dist::split(global.len(), dist.rank(), dist.size());
+            let mine = &global[part];
+            let mut m = Metrics::new();
+            let mut value = 0.0;
+            if !mine.is_empty() {
+                let mut rng = lp.dropout_rng();
+                let sink = GradSink::new();
+                let mut fwd = rlhf_models::Fwd::train(&mut rng).with_sink(&sink);
+                let (loss, metrics) = self.algo.micro_loss(self.model, buf, (mine, &global), ga, &mut fwd)?;
+                value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if value.is_finite() {
+                    grads.add(&var_refs, &loss.backward()?)?;
+                    grads.add_sink(&var_refs, sink.take())?;
+                }
+                lp.set_dropout_rng(&rng);
+                m = metrics;
+            }
+            if dist.any(!value.is_finite())? {
                 return Err(TrainError::Diverged(format!(
-                    "step {}: the {} loss is {value}\nhint: lower the learning rate, or check the rewards",
+                    "step {}: the {} loss is not finite ({value} on rank {})\nhint: lower the learning rate, or check \
+                     the rewards",
                     step + 1,
-                    self.job.name
+                    self.job.name,
+                    dist.rank()
                 )));
             }
-            grads.add(&var_refs, &loss.backward()?)?;
-            grads.add_sink(&var_refs, sink.take())?;
-            lp.set_dropout_rng(&rng);
+            let tokens: f64 = mine
+                .iter()
+                .map(|&r| buf.completion_mask[r].iter().map(|&x| f64::from(x)).sum::<f64>())
+                .sum();
+            pool_metrics(&mut m, mine.len() as f64, tokens, &|k| self.algo.metric_pool(k))?;
             state.log.extend(&m);
             loss_sum += value;
-            samples += rows.len();
+            samples += mine.len();
         }
-        state.log.push("loss", loss_sum);
+        // The ranks' parts sum to the step's loss.
+        let mut total = [loss_sum];
+        dist.all_reduce_f64(&mut total, crate::dist::ReduceOp::Sum)?;
+        state.log.push("loss", total[0]);
         Ok((grads, samples))
     }
 
@@ -416,13 +438,27 @@ impl Step<'_> {
             false => (0..n).collect(),
         };
         let ppg = plan.prompts_per_generation;
-        let idx = &order[pos * ppg..(pos + 1) * ppg];
+        let g = plan.num_generations;
+        // Each rank samples and scores the groups of its contiguous part of the prompts, each
+        // completion from the stream of its index in the generation batch; every rank then
+        // holds the whole batch, so group and batch statistics are global.
+        let dist = crate::dist::world();
+        let part = crate::dist::split(ppg, dist.rank(), dist.size());
+        let idx = &order[pos * ppg..(pos + 1) * ppg][part.clone()];
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| train.ids[i].clone()).collect();
         let rows: Vec<&PromptRow> = idx.iter().map(|&i| &train.set.rows[i]).collect();
-        let g = plan.num_generations;
         let mut streams = completion_streams(args.seed, generation, ppg * g);
-        let rollout = generate(self.model, &prompts, g, &Sampler::Policy(self.gen_cfg), &mut streams)?;
-        let rewards = score(funcs, &rows, g, &rollout)?;
+        let streams = &mut streams[part.start * g..part.end * g];
+        let (rollout, rewards) = match prompts.is_empty() {
+            true => (Rollout::default(), Vec::new()),
+            false => {
+                let rollout = generate(self.model, &prompts, g, &Sampler::Policy(self.gen_cfg), streams)?;
+                let rewards = score(funcs, &rows, g, &rollout)?;
+                (rollout, rewards)
+            }
+        };
+        let rollout = rollout.gather()?;
+        let rewards = gather_table(&rewards, plan.reward_weights.len())?;
         let mtc = self.job.online.mask_truncated_completions;
         let (mut buf, m) = self
             .algo
@@ -434,12 +470,15 @@ impl Step<'_> {
     }
 }
 
-/// Writes `checkpoint-<step>/` with the run's online state.
+/// Writes `checkpoint-<step>/` with the run's online state inside it.
 fn save(lp: &mut TrainLoop, model: &Model, state: &OnlineState) -> Result<PathBuf> {
-    let dir = lp.save_checkpoint(model)?;
+    lp.save_checkpoint_with(model, |dir| write_state(dir, state))
+}
+
+/// Writes `online_state.json` into the (temporary) checkpoint directory `dir`.
+fn write_state(dir: &Path, state: &OnlineState) -> Result<()> {
     let bytes = serde_json::to_vec(state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    write_atomic(&dir.join("online_state.json"), &bytes)?;
-    Ok(dir)
+    write_atomic(&dir.join("online_state.json"), &bytes)
 }
 
 /// The reward metrics of `num_generations_eval` completions of every evaluation prompt,
