@@ -17,14 +17,16 @@
 //!
 //! `C = A · B` sums in f32. In bf16 both operands are rounded to bf16 (round-to-nearest-even),
 //! as [`crate::bf16::gemm`] does, and every product of two bf16 values is exact in f32.
-//! On CPUs without AVX-512F (bf16: without AVX512-BF16) a portable loop over the same
-//! panels computes the same sums in the same order (`vdpbf16ps` adds the odd product, then
+//! On CPUs without AVX-512F an AVX2 + FMA kernel, and without those (or for bf16 without
+//! AVX512-BF16) a portable loop over the same panels, computes the same sums in the same order (`vdpbf16ps` adds the odd product, then
 //! the even one, to the accumulator; it treats bf16 subnormals as zero, the portable loop
 //! keeps them).
 //!
 //! # Shapes
 //! `A`: `(m, k)` any strides, `B`: `(k, n)`, `C`: row-major `(m, n)`.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(test)]
@@ -390,8 +392,8 @@ enum Kernel {
     Avx512F32,
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
-    /// The portable f32 loop compiled for AVX2 + FMA: the same fused products as the
-    /// portable loop (so the same sums), in hardware instead of libm's software `fmaf`.
+    /// The AVX2 + FMA tile ([`avx2`]): the same fused products as the portable loop (so
+    /// the same sums), several rows at a time, in hardware instead of libm's software `fmaf`.
     #[cfg(target_arch = "x86_64")]
     Avx2FmaF32,
     PortableF32,
@@ -429,7 +431,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Bf16 => avx512::tile_bf16(t),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2FmaF32 => portable_tile_f32_fma(t),
+            Self::Avx2FmaF32 => avx2::tile_f32(t),
             Self::PortableF32 => portable_tile(t, fused_step),
             Self::PortableBf16 => portable_tile(t, |acc, a, b| {
                 let (a0, a1) = (f32::from_bits(a << 16), f32::from_bits(a & 0xFFFF_0000));
@@ -446,16 +448,6 @@ impl Kernel {
 #[inline(always)]
 fn fused_step(acc: f32, a: u32, b: u32) -> f32 {
     f32::from_bits(a).mul_add(f32::from_bits(b), acc)
-}
-
-/// [`portable_tile`] of f32 panels with AVX2 and FMA enabled (vectorised, hardware FMA).
-///
-/// # Safety
-/// As [`Kernel::run`]; the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn portable_tile_f32_fma(t: Tile) {
-    portable_tile(t, fused_step)
 }
 
 /// The portable tile loop: `step(acc, a_word, b_word)` adds one step's product.
