@@ -1,4 +1,4 @@
-//! Padding token sequences into batches.
+//! Padding token sequences into batches, and cutting generated ones at their end.
 
 use candle_core::{Device, Tensor};
 
@@ -9,6 +9,14 @@ pub enum PadSide {
     Right,
     /// Pad before the tokens (generation).
     Left,
+}
+
+/// Cuts a generated sequence after its first token in `eos` (kept), as TRL cuts responses
+/// and completions.
+pub fn cut_after_eos(seq: &mut Vec<u32>, eos: &[u32]) {
+    if let Some(p) = seq.iter().position(|t| eos.contains(t)) {
+        seq.truncate(p + 1);
+    }
 }
 
 /// Pads `seqs` to the longest one with `pad_id`; the mask is 1 on real tokens.

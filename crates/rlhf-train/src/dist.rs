@@ -341,13 +341,7 @@ impl Collective {
         if self.size() == 1 {
             return Ok(());
         }
-        let joined = m.keys().cloned().collect::<Vec<_>>().join("\n");
-        let mut keys = BTreeSet::new();
-        for bytes in self.all_gather_bytes(joined.as_bytes())? {
-            let s = String::from_utf8_lossy(&bytes).into_owned();
-            keys.extend(s.split('\n').filter(|k| !k.is_empty()).map(str::to_string));
-        }
-        let keys: Vec<String> = keys.into_iter().collect();
+        let keys = self.all_keys(m)?;
         let n = keys.len();
         // sums: [Σ v·w per key, Σ w per key, non-finite count per key]; extremes: [min, -max].
         let mut sums = vec![0.0; 3 * n];
@@ -382,6 +376,17 @@ impl Collective {
         Ok(())
     }
 
+    /// The keys of every rank's `m`, sorted (the same list on every rank).
+    pub fn all_keys<V>(&self, m: &BTreeMap<String, V>) -> Result<Vec<String>> {
+        let joined = m.keys().cloned().collect::<Vec<_>>().join("\n");
+        let mut keys = BTreeSet::new();
+        for bytes in self.all_gather_bytes(joined.as_bytes())? {
+            let s = String::from_utf8_lossy(&bytes).into_owned();
+            keys.extend(s.split('\n').filter(|k| !k.is_empty()).map(str::to_string));
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     /// This rank's stream for a random draw that every rank makes from `base`: `base`
     /// itself on one process; on several, an independent stream per rank (the seed mixed
     /// with the rank), at `base`'s position. See [`Collective::agree_stream`].
@@ -407,32 +412,34 @@ impl Collective {
 
     /// Every rank's `mine`, concatenated in rank order.
     pub fn all_gather_f32(&self, mine: &[f32]) -> Result<Vec<f32>> {
-        if self.size() == 1 {
-            return Ok(mine.to_vec());
-        }
-        let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Ok(self
-            .all_gather_bytes(&bytes)?
-            .iter()
-            .flat_map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect())
+        self.all_gather_le(mine, f32::to_le_bytes, f32::from_le_bytes)
     }
 
     /// Every rank's `mine`, concatenated in rank order, in f64 (rewards keep their precision;
     /// NaN travels as NaN).
     pub fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<f64>> {
+        self.all_gather_le(mine, f64::to_le_bytes, f64::from_le_bytes)
+    }
+
+    /// Every rank's `mine` in rank order, each value sent as its `N` little-endian bytes.
+    fn all_gather_le<T: Copy, const N: usize>(
+        &self,
+        mine: &[T],
+        to: fn(T) -> [u8; N],
+        from: fn([u8; N]) -> T,
+    ) -> Result<Vec<T>> {
         if self.size() == 1 {
             return Ok(mine.to_vec());
         }
-        let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bytes: Vec<u8> = mine.iter().flat_map(|&x| to(x)).collect();
         Ok(self
             .all_gather_bytes(&bytes)?
             .iter()
             .flat_map(|b| {
-                b.chunks_exact(8).map(|c| {
-                    let mut w = [0u8; 8];
+                b.chunks_exact(N).map(|c| {
+                    let mut w = [0u8; N];
                     w.copy_from_slice(c);
-                    f64::from_le_bytes(w)
+                    from(w)
                 })
             })
             .collect())

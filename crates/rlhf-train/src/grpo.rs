@@ -112,14 +112,7 @@ pub fn rank_share(plan: &GrpoPlan, buf: &Buffer, mine: &[usize], global: &[usize
         // Token sums over the generation batch's count: already a part of the whole.
         GrpoLossType::Dapo | GrpoLossType::Cispo | GrpoLossType::Vespo => 1.0,
         // A token mean over the micro-batch: re-weighted to the whole micro-batch's tokens.
-        GrpoLossType::Bnpo => {
-            let tokens = |rows: &[usize]| -> f64 {
-                rows.iter()
-                    .map(|&r| buf.completion_mask[r].iter().map(|&m| f64::from(m)).sum::<f64>())
-                    .sum()
-            };
-            tokens(mine).max(1.0) / tokens(global).max(1.0)
-        }
+        GrpoLossType::Bnpo => buf.tokens(mine).max(1.0) / buf.tokens(global).max(1.0),
         // Means over rows (dr_grpo: a sum over `B · max_completion_length`).
         _ => mine.len() as f64 / global.len().max(1) as f64,
     }

@@ -154,9 +154,7 @@ impl PpoTrainer {
             }
             let g = self.model.generate(chunk, &cfg, rng)?;
             for mut r in g.response_ids {
-                if let Some(p) = r.iter().position(|t| gen.eos_token_id.contains(t)) {
-                    r.truncate(p + 1);
-                }
+                crate::collate::cut_after_eos(&mut r, &gen.eos_token_id);
                 out.push(r);
             }
         }
@@ -179,9 +177,7 @@ impl PpoTrainer {
         Ok(g.response_ids
             .into_iter()
             .map(|mut r| {
-                if let Some(p) = r.iter().position(|t| gen.eos_token_id.contains(t)) {
-                    r.truncate(p + 1);
-                }
+                crate::collate::cut_after_eos(&mut r, &gen.eos_token_id);
                 r
             })
             .collect())

@@ -144,6 +144,13 @@ impl Buffer {
         self.completion_ids.is_empty()
     }
 
+    /// Completion tokens in the loss of `rows` (their completion masks' sum).
+    pub fn tokens(&self, rows: &[usize]) -> f64 {
+        rows.iter()
+            .map(|&r| self.completion_mask[r].iter().map(|&m| f64::from(m)).sum::<f64>())
+            .sum()
+    }
+
     /// The rows of micro-batch `slice` (of `bs` rows each) in the buffer's order.
     pub fn slice_rows(&self, slice: usize, bs: usize) -> Vec<usize> {
         let start = (slice * bs).min(self.len());

@@ -101,13 +101,7 @@ pub fn pool_metrics(m: &mut Metrics, rows: f64, tokens: f64, pool: &dyn Fn(&str)
     if dist.size() == 1 {
         return Ok(());
     }
-    let joined = m.keys().cloned().collect::<Vec<_>>().join("\n");
-    let mut keys = std::collections::BTreeSet::new();
-    for bytes in dist.all_gather_bytes(joined.as_bytes())? {
-        let s = String::from_utf8_lossy(&bytes).into_owned();
-        keys.extend(s.split('\n').filter(|k| !k.is_empty()).map(str::to_string));
-    }
-    let keys: Vec<String> = keys.into_iter().collect();
+    let keys = dist.all_keys(m)?;
     let n = keys.len();
     // sums: [Σ v·w, Σ w, non-finite count] per key; extremes: min, or −max, per key.
     let mut sums = vec![0.0; 3 * n];

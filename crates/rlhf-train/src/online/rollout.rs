@@ -103,9 +103,7 @@ pub fn generate(
     let mut completion_ids = Vec::with_capacity(raw.len());
     let mut texts = Vec::with_capacity(raw.len());
     for mut r in raw {
-        if let Some(p) = r.iter().position(|t| eos.contains(t)) {
-            r.truncate(p + 1);
-        }
+        crate::collate::cut_after_eos(&mut r, &eos);
         texts.push(tok.decode(&r, true)?);
         completion_ids.push(r);
     }

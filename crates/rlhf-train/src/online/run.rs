@@ -404,11 +404,9 @@ impl Step<'_> {
                     dist.rank()
                 )));
             }
-            let tokens: f64 = mine
-                .iter()
-                .map(|&r| buf.completion_mask[r].iter().map(|&x| f64::from(x)).sum::<f64>())
-                .sum();
-            pool_metrics(&mut m, mine.len() as f64, tokens, &|k| self.algo.metric_pool(k))?;
+            pool_metrics(&mut m, mine.len() as f64, buf.tokens(mine), &|k| {
+                self.algo.metric_pool(k)
+            })?;
             state.log.extend(&m);
             loss_sum += value;
             samples += mine.len();
