@@ -48,7 +48,7 @@ impl ValueHead {
         let x = fwd.dropout(&hidden.to_dtype(dt)?, self.dropout)?;
         let w = self.weight.get_in(fwd.grad, fwd.adapters).to_dtype(dt)?;
         let b = self.bias.get_in(fwd.grad, fwd.adapters).to_dtype(dt)?;
-        let v = rlhf_peft::proj::matmul_2d(&x, &w.t()?)?.broadcast_add(&b)?;
+        let v = rlhf_peft::proj::linear_2d(&x, &w)?.broadcast_add(&b)?;
         Ok(v.squeeze(D::Minus1)?)
     }
 }
@@ -128,7 +128,7 @@ impl ScoreHead {
     pub fn forward_rows(&self, pooled: &Tensor, grad: bool, adapters: bool) -> Result<Tensor> {
         let dt = head_dtype(pooled);
         let w = self.weight.get_in(grad, adapters).to_dtype(dt)?;
-        Ok(pooled.to_dtype(dt)?.matmul(&w.t()?)?)
+        Ok(rlhf_peft::proj::linear_2d(&pooled.to_dtype(dt)?, &w)?)
     }
 }
 

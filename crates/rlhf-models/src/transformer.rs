@@ -657,7 +657,7 @@ impl Transformer {
     /// `hidden`: `(.., H)` → `(.., V)`.
     pub fn lm_logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
         let w = self.lm_head_weight(grad)?;
-        let logits = rlhf_peft::proj::matmul_2d(hidden, &w.t()?)?;
+        let logits = rlhf_peft::proj::linear_2d(hidden, w)?;
         match logits.dtype() {
             DType::F64 => Ok(logits),
             _ => Ok(logits.to_dtype(DType::F32)?),

@@ -413,7 +413,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-struct Bf16Matmul;
+pub(crate) struct Bf16Matmul;
 
 /// The strided view of a 2-D f32 tensor's storage.
 fn view<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(MatRef<'a>, usize, usize)> {

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod kernels;
+pub mod linear;
 pub mod nn;
 pub mod packed;
 pub mod ppo;

@@ -27,7 +27,7 @@ use rlhf_ops::rng::RngStream;
 pub use config::{InitLoraWeights, LoraBias, LoraConfig, ReferenceBias, TargetModules, TaskType};
 
 use crate::int8::QuantError;
-use crate::proj::{matmul_2d, Proj, ProjCtx};
+use crate::proj::{linear_2d, Proj, ProjCtx};
 use crate::Param;
 
 /// Errors of LoRA configuration and layers.
@@ -179,7 +179,7 @@ impl LoraLinear {
             Some(rng) if self.dropout > 0.0 => dropout(&xa, self.dropout, &mut |n| rng.uniform_vec(n))?,
             _ => xa,
         };
-        let h = matmul_2d(&matmul_2d(&xa, &a.t()?)?, &b.t()?)?;
+        let h = linear_2d(&linear_2d(&xa, a)?, b)?;
         let delta = (h * self.scaling)?.to_dtype(y.dtype())?;
         y + delta
     }

@@ -71,7 +71,7 @@ impl Dense {
     /// # Shapes
     /// `x`: `(.., in)` → `(.., out)`.
     pub fn forward(&self, x: &Tensor, ctx: &ProjCtx) -> Result<Tensor> {
-        let y = matmul_2d(x, &self.weight.get_in(ctx.grad, ctx.adapters).t()?)?;
+        let y = linear_2d(x, self.weight.get_in(ctx.grad, ctx.adapters))?;
         add_bias(y, self.bias.as_ref(), ctx)
     }
 }
@@ -293,16 +293,14 @@ fn add_bias(y: Tensor, bias: Option<&Param>, ctx: &ProjCtx) -> Result<Tensor> {
     }
 }
 
-/// `x W` for `x: (.., in)` and `W: (in, out)` (e.g. the transposed view `Wᵀ` of an
-/// `nn.Linear` weight, which costs no copy), flattening the leading dimensions into one
-/// matrix product (one large GEMM instead of a batched one), at the calling thread's
-/// [`rlhf_ops::precision`] (f32, or bf16 operands with f32 sums).
-pub fn matmul_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x Wᵀ` for `x: (.., in)` and a weight `W: (out, in)` in `nn.Linear`'s layout, flattening
+/// the leading dimensions into one product ([`rlhf_ops::linear::linear`]: a backward that
+/// builds only the gradients its inputs need).
+pub fn linear_2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
-    let n = w.dim(1)?;
     let rows = x.elem_count() / k.max(1);
     let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("invariant: x has at least one dimension") = n;
-    rlhf_ops::precision::matmul(&x.reshape((rows, k))?, w)?.reshape(out_dims)
+    *out_dims.last_mut().expect("invariant: x has at least one dimension") = w.dim(0)?;
+    rlhf_ops::linear::linear(&x.reshape((rows, k))?, w)?.reshape(out_dims)
 }
