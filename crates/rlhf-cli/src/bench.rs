@@ -341,7 +341,6 @@ fn reward(name: &str, cfg: ModelConfig, lora: bool, warmup: usize, steps: usize)
     let mut opt = AdamW::new(params, AdamConfig::default());
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
     let dist = rlhf_train::dist::world();
-    let mut rng = dist.rank_stream(&RngStream::new(0));
     let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
     let mine = rlhf_train::dist::split(8, dist.rank(), dist.size());
     let mut step = 0usize;
@@ -350,10 +349,13 @@ fn reward(name: &str, cfg: ModelConfig, lora: bool, warmup: usize, steps: usize)
     let times = time_steps(warmup, steps, || {
         // With several ranks each takes its part of the 8 pairs (loss weighted by its share).
         let batch: Vec<&Pair> = mine.clone().map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
+        let pair_ids = mine.clone().map(|k| (step * 8 + k) as u64 * 2);
+        let ids = pair_ids.clone().chain(pair_ids.map(|i| i + 1)).collect();
+        let mut keys = rlhf_ops::dropout::DropoutKeys::new(step as u64, ids);
         step += 1;
         tokens = batch.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
         let sink = rlhf_ops::sink::GradSink::new();
-        let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut rng).with_sink(&sink))?;
+        let out = pair_loss(&model, &batch, None, &mut Fwd::train(&mut keys).with_sink(&sink))?;
         let mut grads = Grads::new(vars.len());
         let var_refs: Vec<_> = vars.iter().collect();
         grads.add(&var_refs, &(&out.loss / (8.0 / batch.len() as f64))?.backward()?)?;

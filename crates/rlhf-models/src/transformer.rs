@@ -22,7 +22,8 @@ mod attention;
 mod pieces;
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_ops::nn::{causal_padding_bias, dropout};
+use rlhf_ops::dropout::DropoutKeys;
+use rlhf_ops::nn::causal_padding_bias;
 use rlhf_ops::rng::RngStream;
 use rlhf_ops::sink::{embedding, GradSink};
 use rlhf_peft::{Param, Proj, ProjCtx};
@@ -41,8 +42,9 @@ use crate::rope::Rope;
 pub struct Fwd<'a> {
     /// Record the graph for a backward pass.
     pub grad: bool,
-    /// Train mode: dropout draws its masks from this stream. `None` is eval mode.
-    pub dropout: Option<&'a mut RngStream>,
+    /// Train mode: dropout draws its masks from these per-example streams. `None` is eval
+    /// mode.
+    pub dropout: Option<&'a mut DropoutKeys>,
     /// Apply LoRA adapters. `false` is PEFT's `disable_adapter()`: the reference model of
     /// PPO without a second copy (trained biases and saved modules then read their kept
     /// originals; see `rlhf_models::lora`). Models without adapters ignore it.
@@ -73,11 +75,11 @@ impl<'a> Fwd<'a> {
         }
     }
 
-    /// Train mode: gradients and seeded dropout.
-    pub fn train(rng: &mut RngStream) -> Fwd<'_> {
+    /// Train mode: gradients and dropout keyed by example ([`DropoutKeys`]).
+    pub fn train(keys: &mut DropoutKeys) -> Fwd<'_> {
         Fwd {
             grad: true,
-            dropout: Some(rng),
+            dropout: Some(keys),
             adapters: true,
             sink: None,
         }
@@ -103,11 +105,21 @@ impl<'a> Fwd<'a> {
         }
     }
 
-    /// Applies dropout with probability `p` in train mode; identity in eval mode.
+    /// Applies dropout with probability `p` to per-token activations in train mode;
+    /// identity in eval mode.
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         match self.dropout.as_deref_mut() {
-            Some(rng) if p > 0.0 => Ok(dropout(x, p, &mut |n| rng.uniform_vec(n))?),
-            _ => Ok(x.clone()),
+            Some(keys) => Ok(keys.tokens(x, p)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Applies dropout with probability `p` to padded attention probabilities `(B, nh, T, T)`
+    /// in train mode; identity in eval mode.
+    pub fn dropout_attention(&mut self, probs: &Tensor, p: f64) -> Result<Tensor> {
+        match self.dropout.as_deref_mut() {
+            Some(keys) => Ok(keys.attention(probs, p)?),
+            None => Ok(probs.clone()),
         }
     }
 
@@ -526,6 +538,10 @@ impl Transformer {
             }
             None => positions_from_mask(&mask_rows, t, max_pos, self.cfg.max_positions_key())?,
         };
+        if let Some(keys) = fwd.dropout.as_deref_mut() {
+            let new: Vec<Vec<u32>> = mask_rows.iter().map(|r| r[past..].to_vec()).collect();
+            keys.set_padded(&new, t)?;
+        }
         let x = self
             .embed(&ids.flatten_all()?, &positions, fwd)?
             .reshape((b, t, self.cfg.hidden_size))?;
@@ -565,6 +581,9 @@ impl Transformer {
     /// sequence order.
     pub fn forward_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
         let packing = attention::Packing::new(seqs, &self.cfg, self.device())?;
+        if let Some(keys) = fwd.dropout.as_deref_mut() {
+            keys.set_packed(&packing.lens)?;
+        }
         let x = self.embed(&packing.ids, &packing.positions_host, fwd)?;
         let mut x = fwd.dropout(&x, self.cfg.embd_pdrop)?;
         let rope = self.rope_tables(&packing.positions_host)?;

@@ -363,8 +363,8 @@ fn lora_dropout_is_seeded_and_off_in_eval_mode() {
     apply_lora(&mut model, &c, 0).unwrap();
     model.backbone_mut().cfg.disable_dropout(); // only LoRA's dropout remains
     let run = |seed| {
-        let mut rng = RngStream::new(seed);
-        logits(&model, &mut Fwd::train(&mut rng))
+        let mut keys = rlhf_ops::dropout::DropoutKeys::new(seed, vec![0, 1]);
+        logits(&model, &mut Fwd::train(&mut keys))
     };
     assert_eq!(max_diff(&run(1), &run(1)), 0.0);
     assert!(max_diff(&run(1), &run(2)) > 1e-4);

@@ -8,8 +8,15 @@ use rlhf_models::{Fwd, Model, ModelConfig};
 use rlhf_peft::Param;
 
 fn model_in(dtype: DType) -> Model {
+    model_with(dtype, false)
+}
+
+/// Tiny GPT-2 with its dropout (0.1 on embeddings, attention and residuals) kept or off.
+fn model_with(dtype: DType, dropout: bool) -> Model {
     let mut cfg = ModelConfig::gpt2(2, 2, 8, 16, 11);
-    cfg.disable_dropout();
+    if !dropout {
+        cfg.disable_dropout();
+    }
     // The padded batch is filled with id 10, the id the score head pools around.
     cfg.pad_token_id = Some(10);
     let mut model = Model::random(cfg, 3, dtype, &Device::Cpu).unwrap();
@@ -85,12 +92,25 @@ fn packed_scores_equal_the_padded_batch() {
 }
 
 fn gradients_match(dtype: DType, tol: f64) {
-    let model = model_in(dtype);
+    gradients_match_with(dtype, tol, false)
+}
+
+/// Scores and gradients of the padded batch and the packed rows; with `dropout`, both in
+/// train mode with the same per-example keys (masks follow each sequence's own tokens, so
+/// the two layouts drop the same units).
+fn gradients_match_with(dtype: DType, tol: f64, dropout: bool) {
+    let model = model_with(dtype, dropout);
     let seqs = seqs();
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (ids, mask) = padded(&seqs);
-    let padded = model.scores(&ids, &mask, &mut fwd(true)).unwrap();
-    let packed = model.scores_packed(&refs, &mut fwd(true)).unwrap();
+    let keys = rlhf_ops::dropout::DropoutKeys::new(5, vec![40, 2, 17, 3]);
+    let (mut k1, mut k2) = (keys.clone(), keys);
+    let (mut f1, mut f2) = match dropout {
+        true => (Fwd::train(&mut k1), Fwd::train(&mut k2)),
+        false => (fwd(true), fwd(true)),
+    };
+    let padded = model.scores(&ids, &mask, &mut f1).unwrap();
+    let packed = model.scores_packed(&refs, &mut f2).unwrap();
     let vals = |t: &Tensor| {
         t.flatten_all()
             .unwrap()
@@ -134,6 +154,30 @@ fn packed_gradients_equal_the_padded_batch_for_every_parameter() {
 fn fused_packed_attention_gives_the_padded_batch_scores_and_gradients_in_f32() {
     // f32, the fused kernel: f32 rounding of sums in another order.
     gradients_match(DType::F32, 1e-4);
+}
+
+#[test]
+fn with_dropout_the_packed_rows_drop_what_the_padded_batch_drops() {
+    // f64, composed attention, every dropout site of GPT-2 at 0.1.
+    gradients_match_with(DType::F64, 1e-10, true);
+    // f32, the fused kernel's own keep factors.
+    gradients_match_with(DType::F32, 1e-4, true);
+    // Not vacuous: the masks change the scores.
+    let model = model_with(DType::F64, true);
+    let refs: Vec<Vec<u32>> = seqs();
+    let refs: Vec<&[u32]> = refs.iter().map(Vec::as_slice).collect();
+    let mut keys = rlhf_ops::dropout::DropoutKeys::new(5, vec![40, 2, 17, 3]);
+    let train = model.scores_packed(&refs, &mut Fwd::train(&mut keys)).unwrap();
+    let eval = model.scores_packed(&refs, &mut fwd(false)).unwrap();
+    let diff = (train - eval)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(diff > 1e-3, "{diff}");
 }
 
 #[test]

@@ -124,10 +124,10 @@ fn train_mode_dropout_is_seeded() {
     let model = tiny();
     let (ids, mask) = ids_mask();
     let run = |seed| {
-        let mut rng = rlhf_ops::rng::RngStream::new(seed);
+        let mut keys = rlhf_ops::dropout::DropoutKeys::new(seed, (0..ids.dim(0).unwrap() as u64).collect());
         let mut fwd = Fwd {
             grad: false,
-            dropout: Some(&mut rng),
+            dropout: Some(&mut keys),
             adapters: true,
             sink: None,
         };

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod bf16;
+pub mod dropout;
 pub mod kernels;
 pub mod linear;
 pub mod nn;

@@ -24,7 +24,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (_, k2) = w.dims2()?;
     if k != k2 {
-        candle_core::bail!("linear: x is {:?} and w is {:?}; the inner sizes differ", x.dims(), w.dims())
+        candle_core::bail!(
+            "linear: x is {:?} and w is {:?}; the inner sizes differ",
+            x.dims(),
+            w.dims()
+        )
     }
     let tracked = x.track_op() || w.track_op();
     match tracked && crate::kernels::applies(&[x, w]) {
@@ -60,7 +64,11 @@ impl CustomOp2 for Linear {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         if s1.dtype() != DType::F32 || s2.dtype() != DType::F32 {
-            candle_core::bail!("linear: expected f32 operands, got {:?} and {:?}", s1.dtype(), s2.dtype())
+            candle_core::bail!(
+                "linear: expected f32 operands, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            )
         }
         let ((m, k), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let wt = l2.transpose(0, 1)?;

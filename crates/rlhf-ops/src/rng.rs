@@ -58,6 +58,18 @@ impl RngStream {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
+    /// A stream whose seed hashes `key` (each word through SplitMix64's finaliser): the
+    /// stream of a tuple such as `(seed, step, example)`, the same wherever it is built.
+    pub fn keyed(key: &[u64]) -> Self {
+        let seed = key.iter().fold(0x243F_6A88_85A3_08D3u64, |h, &k| {
+            let mut z = (h ^ k).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        });
+        Self::new(seed)
+    }
+
     /// An independent stream derived from this one (advances this stream by one word).
     pub fn fork(&mut self) -> Self {
         Self::new(self.next_u64())

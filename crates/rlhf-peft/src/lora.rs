@@ -21,7 +21,6 @@
 mod config;
 
 use candle_core::{DType, Device, Tensor};
-use rlhf_ops::nn::dropout;
 use rlhf_ops::rng::RngStream;
 
 pub use config::{InitLoraWeights, LoraBias, LoraConfig, ReferenceBias, TargetModules, TaskType};
@@ -176,7 +175,7 @@ impl LoraLinear {
         let (a, b) = (self.lora_a.get(ctx.grad), self.lora_b.get(ctx.grad));
         let xa = x.to_dtype(a.dtype())?;
         let xa = match ctx.dropout.as_deref_mut() {
-            Some(rng) if self.dropout > 0.0 => dropout(&xa, self.dropout, &mut |n| rng.uniform_vec(n))?,
+            Some(keys) => keys.tokens(&xa, self.dropout)?,
             _ => xa,
         };
         let h = linear_2d(&linear_2d(&xa, a)?, b)?;
@@ -310,11 +309,12 @@ mod tests {
         let eval1 = lora.forward(&x, &mut ProjCtx::eval()).unwrap();
         let eval2 = lora.forward(&x, &mut ProjCtx::eval()).unwrap();
         assert_eq!(max_diff(&eval1, &eval2), 0.0);
-        let mut rng = RngStream::new(8);
+        let mut keys = rlhf_ops::dropout::DropoutKeys::new(8, vec![0]);
+        keys.set_packed(&[8]).unwrap();
         let mut train = ProjCtx {
             grad: false,
             adapters: true,
-            dropout: Some(&mut rng),
+            dropout: Some(&mut keys),
         };
         assert!(max_diff(&lora.forward(&x, &mut train).unwrap(), &eval1) > 1e-3);
     }

@@ -14,7 +14,7 @@
 //! | `Lora` | a frozen base of the three above | `base(x) + (dropout(x) A^T B^T) * scaling` |
 
 use candle_core::{DType, Result, Tensor};
-use rlhf_ops::rng::RngStream;
+use rlhf_ops::dropout::DropoutKeys;
 
 use crate::int8::{Int8Linear, QuantizedWeight};
 use crate::lora::LoraLinear;
@@ -31,8 +31,9 @@ pub struct ProjCtx<'a> {
     pub grad: bool,
     /// Apply LoRA adapters (and trained biases / saved modules instead of their originals).
     pub adapters: bool,
-    /// Train mode: `lora_dropout` draws its masks here. `None` is eval mode.
-    pub dropout: Option<&'a mut RngStream>,
+    /// Train mode: `lora_dropout` draws its masks from these per-example streams. `None` is
+    /// eval mode.
+    pub dropout: Option<&'a mut DropoutKeys>,
 }
 
 impl ProjCtx<'static> {

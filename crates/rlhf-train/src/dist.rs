@@ -31,7 +31,6 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
-use rlhf_ops::rng::RngStream;
 
 use crate::error::{Result, TrainError};
 use crate::optim::Grads;
@@ -387,29 +386,6 @@ impl Collective {
         Ok(keys.into_iter().collect())
     }
 
-    /// This rank's stream for a random draw that every rank makes from `base`: `base`
-    /// itself on one process; on several, an independent stream per rank (the seed mixed
-    /// with the rank), at `base`'s position. See [`Collective::agree_stream`].
-    pub fn rank_stream(&self, base: &RngStream) -> RngStream {
-        if self.size() == 1 {
-            return base.clone();
-        }
-        let mut mix = RngStream::new(base.seed ^ (self.rank() as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        RngStream {
-            seed: mix.next_u64(),
-            counter: base.counter,
-        }
-    }
-
-    /// Moves `base` to the furthest position any rank's [`Collective::rank_stream`] reached
-    /// (`used`): every rank then holds the same state, which is what a checkpoint saves.
-    pub fn agree_stream(&self, base: &mut RngStream, used: &RngStream) -> Result<()> {
-        let mut v = [used.counter as f64];
-        self.all_reduce_f64(&mut v, ReduceOp::Max)?;
-        base.counter = v[0] as u64;
-        Ok(())
-    }
-
     /// Every rank's `mine`, concatenated in rank order.
     pub fn all_gather_f32(&self, mine: &[f32]) -> Result<Vec<f32>> {
         self.all_gather_le(mine, f32::to_le_bytes, f32::from_le_bytes)
@@ -500,8 +476,6 @@ mod tests {
         let mut m = BTreeMap::from([("loss".to_string(), 0.5), ("min_reward".to_string(), -1.0)]);
         w.reduce_metrics(&mut m, 3.0).unwrap();
         assert_eq!(m["loss"], 0.5);
-        let base = RngStream { seed: 7, counter: 3 };
-        assert_eq!(w.rank_stream(&base), base);
         assert_eq!(
             w.all_gather_seqs(&[vec![1, 2], vec![]]).unwrap(),
             vec![vec![1, 2], vec![]]

@@ -177,7 +177,7 @@ pub fn train_until(cfg: &DpoConfig, stop: &StopSignal) -> Result<DpoOutcome> {
         // weighted by that part's share, so the sum over ranks is the micro-batch's mean.
         let step = lp.next_step();
         let mut samples = 0;
-        for m in &step {
+        for (pass, m) in step.iter().enumerate() {
             let mine: Vec<&DpoExample> = m.mine().iter().map(|&i| &train_ex[i]).collect();
             num_tokens += m
                 .global
@@ -187,17 +187,16 @@ pub fn train_until(cfg: &DpoConfig, stop: &StopSignal) -> Result<DpoOutcome> {
             let mut mb_metrics = BTreeMap::new();
             if !mine.is_empty() {
                 let share = m.global.len() as f64 / mine.len() as f64;
-                let mut rng = lp.dropout_rng();
+                let mut keys = lp.dropout_keys(pass as u64, m.mine_pair_ids());
                 let sink = GradSink::new();
                 let fwd = if dropout {
-                    Fwd::train(&mut rng)
+                    Fwd::train(&mut keys)
                 } else {
                     Fwd::eval_grad()
                 };
                 let out = batch_loss(&model, ref_source, &mine, &plan, &mut fwd.with_sink(&sink))?;
                 grads.add(&var_refs, &(&out.loss / (ga * share))?.backward()?)?;
                 grads.add_sink(&var_refs, sink.take())?;
-                lp.set_dropout_rng(&rng);
                 mb_metrics = out.metrics;
             }
             // The whole micro-batch's metrics, as one process computes them.

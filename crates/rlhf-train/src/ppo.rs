@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use rlhf_models::{Fwd, GenerationConfig, Model};
+use rlhf_ops::dropout::DropoutKeys;
 use rlhf_ops::ppo::{
     compute_advantages, compute_rewards, lm_head_logprobs_and_entropy, log_softmax, logprobs_and_entropy, masked_mean,
     ppo_loss, KlController, KlPenalty, PpoLossConfig, PpoLossInputs,
@@ -53,7 +54,9 @@ pub struct PpoState {
     pub running: RunningMoments,
     /// Minibatch shuffling stream (seed, counter).
     pub shuffle: (u64, u64),
-    /// Dropout stream (seed, counter).
+    /// Seed of the dropout streams, and a second word that is always 0 (masks are keyed by
+    /// step and row, not drawn from a running stream; the pair keeps earlier checkpoints
+    /// loadable).
     pub dropout: (u64, u64),
 }
 
@@ -81,7 +84,7 @@ pub struct PpoTrainer {
     pub current_step: u64,
     opt: AdamW,
     shuffle: RngStream,
-    dropout: RngStream,
+    dropout_seed: u64,
 }
 
 impl PpoTrainer {
@@ -114,7 +117,7 @@ impl PpoTrainer {
         };
         let opt = AdamW::new(params, AdamConfig::default());
         let shuffle = RngStream::new(config.seed);
-        let dropout = RngStream::new(config.seed.wrapping_add(1));
+        let dropout_seed = config.seed.wrapping_add(1);
         let t = Self {
             config,
             model,
@@ -124,7 +127,7 @@ impl PpoTrainer {
             current_step: 0,
             opt,
             shuffle,
-            dropout,
+            dropout_seed,
         };
         Ok((t, fresh_head))
     }
@@ -266,6 +269,9 @@ impl PpoTrainer {
         let mut mb_scalars: Vec<[(&'static str, f64); 15]> = Vec::new();
         let (ranks, mbs_global) = (dist.size(), mbs * dist.size());
         let row_tokens: Vec<f32> = roll.masks.sum(1)?.to_vec1()?;
+        // Minibatch passes of this step, counted alike on every rank: with the step and the
+        // row, they key each response's dropout masks.
+        let mut pass = 0u64;
         for _ in 0..epochs {
             let perm = permutation(bs, self.shuffle.next_u64());
             for backward in perm.chunks(mbs_global * ga) {
@@ -274,6 +280,7 @@ impl PpoTrainer {
                     // This rank's part of the minibatch; its loss is weighted by its share of
                     // the minibatch's response tokens, so the sum over ranks is the mean.
                     let mb = &mb_global[crate::dist::split(mb_global.len(), dist.rank(), ranks)];
+                    pass += 1;
                     let count = |rows: &[usize]| rows.iter().map(|&i| row_tokens[i] as f64).sum::<f64>();
                     let (global_tokens, my_tokens) = (count(mb_global), count(mb));
                     if mb.is_empty() {
@@ -283,9 +290,10 @@ impl PpoTrainer {
                     let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
                     let sel = |x: &Tensor| x.index_select(&idx, 0);
                     let (ids, mask) = (sel(&roll.ids)?, sel(&roll.mask)?);
-                    let mut rng = dist.rank_stream(&self.dropout);
+                    let key = RngStream::keyed(&[self.dropout_seed, self.current_step, pass]).seed;
+                    let mut keys = DropoutKeys::new(key, mb.iter().map(|&i| i as u64).collect());
                     let sink = GradSink::new();
-                    let mut fwd = Fwd::train(&mut rng).with_sink(&sink);
+                    let mut fwd = Fwd::train(&mut keys).with_sink(&sink);
                     let hidden = self.model.forward(&ids, &mask, &mut fwd)?;
                     let tt = hidden.dim(1)?;
                     let vhead = self
@@ -294,7 +302,6 @@ impl PpoTrainer {
                         .as_ref()
                         .ok_or_else(|| TrainError::Config("policy lost its value head".into()))?;
                     let vpreds = vhead.forward(&hidden, &mut fwd)?.narrow(1, 0, tt - 1)?;
-                    self.dropout.counter = rng.counter;
                     let (old_lp, m) = (sel(&logprobs)?, sel(&roll.masks)?);
                     let (new_lp, entropy) = response_logprobs(&self.model, &hidden, &ids, &m, &old_lp, &sink)?;
                     let (old_v, a, r) = (sel(&adv.values)?, sel(&adv.advantages)?, sel(&adv.returns)?);
@@ -342,8 +349,6 @@ impl PpoTrainer {
                 break;
             }
         }
-        let dropout_used = self.dropout.clone();
-        dist.agree_stream(&mut self.dropout, &dropout_used)?;
         let time_opt = t.elapsed().as_secs_f64();
 
         // 6. statistics (TRL's `record_step_stats`) and the KL controller update
@@ -492,7 +497,7 @@ impl PpoTrainer {
             kl_coef: self.kl_ctl.value(),
             running: self.running.clone(),
             shuffle: (self.shuffle.seed, self.shuffle.counter),
-            dropout: (self.dropout.seed, self.dropout.counter),
+            dropout: (self.dropout_seed, 0),
         }
     }
 
@@ -508,10 +513,7 @@ impl PpoTrainer {
             seed: state.shuffle.0,
             counter: state.shuffle.1,
         };
-        self.dropout = RngStream {
-            seed: state.dropout.0,
-            counter: state.dropout.1,
-        };
+        self.dropout_seed = state.dropout.0;
         self.opt.load_state(optimizer)
     }
 

@@ -271,15 +271,15 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
         // weighted by that part's share, so the sum over ranks is the micro-batch's mean.
         let plan = lp.next_step();
         let mut samples = 0;
-        for m in &plan {
+        for (pass, m) in plan.iter().enumerate() {
             let batch: Vec<&Pair> = m.mine().iter().map(|&i| &train_pairs[i]).collect();
             let mut mb_metrics = BTreeMap::new();
             if !batch.is_empty() {
                 let share = m.global.len() as f64 / batch.len() as f64;
-                let mut rng = lp.dropout_rng();
+                let mut keys = lp.dropout_keys(pass as u64, m.mine_pair_ids());
                 let sink = GradSink::new();
                 let fwd = if dropout {
-                    Fwd::train(&mut rng)
+                    Fwd::train(&mut keys)
                 } else {
                     Fwd::eval_grad()
                 };
@@ -291,7 +291,6 @@ pub fn train_until(cfg: &RewardConfig, stop: &StopSignal) -> Result<RewardOutcom
                 )?;
                 grads.add(&var_refs, &(&out.loss / (ga * share))?.backward()?)?;
                 grads.add_sink(&var_refs, sink.take())?;
-                lp.set_dropout_rng(&rng);
                 mb_metrics = pair_metrics(out.loss.to_scalar::<f32>()? as f64, &out.chosen, &out.rejected);
             }
             // The whole micro-batch's metrics, as one process computes them.

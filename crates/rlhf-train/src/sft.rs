@@ -262,17 +262,16 @@ pub fn train_until(cfg: &SftConfig, stop: &StopSignal) -> Result<SftOutcome> {
             .map(|&i| train_ex[i].labels.iter().skip(1).filter(|&&l| l == 1).count())
             .sum();
         let (mut nll, mut correct, mut samples) = (0.0, 0usize, 0usize);
-        for m in plan.iter().filter(|m| !m.mine().is_empty()) {
+        for (pass, m) in plan.iter().enumerate().filter(|(_, m)| !m.mine().is_empty()) {
             let batch: Vec<&Example> = m.mine().iter().map(|&i| &train_ex[i]).collect();
-            let mut rng = lp.dropout_rng();
+            let mut keys = lp.dropout_keys(pass as u64, m.mine_ids());
             let mut fwd = if dropout {
-                Fwd::train(&mut rng)
+                Fwd::train(&mut keys)
             } else {
                 Fwd::eval_grad()
             };
             let out = batch_nll(&model, &batch, &mut fwd)?;
             grads.add(&var_refs, &(&out.nll_sum / step_tokens.max(1) as f64)?.backward()?)?;
-            lp.set_dropout_rng(&rng);
             nll += out.nll_sum.to_scalar::<f32>()? as f64;
             correct += out.correct;
             samples += batch.len();

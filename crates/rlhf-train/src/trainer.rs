@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::Var;
 use rlhf_models::Model;
+use rlhf_ops::dropout::DropoutKeys;
 use rlhf_ops::rng::RngStream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -184,10 +185,8 @@ pub struct StepReport {
 pub struct TrainerState {
     /// Optimizer steps done.
     pub global_step: u64,
-    /// Dropout stream.
+    /// Seed of the dropout streams ([`TrainLoop::dropout_keys`]).
     pub dropout_seed: u64,
-    /// Dropout stream position.
-    pub dropout_counter: u64,
     /// Metric sums since the last log.
     pub accum: BTreeMap<String, f64>,
     /// Steps since the last log.
@@ -263,7 +262,6 @@ impl TrainLoop {
         let state = TrainerState {
             global_step: 0,
             dropout_seed: args.seed.wrapping_add(0x5EED),
-            dropout_counter: 0,
             accum: BTreeMap::new(),
             accum_steps: 0,
             accum_samples: 0,
@@ -333,18 +331,13 @@ impl TrainLoop {
             .collect()
     }
 
-    /// The dropout stream of the next micro-batch forward pass (`None` when dropout is off);
-    /// with several ranks, this rank's own stream ([`crate::dist::Collective::rank_stream`]).
-    pub fn dropout_rng(&self) -> RngStream {
-        crate::dist::world().rank_stream(&RngStream {
-            seed: self.state.dropout_seed,
-            counter: self.state.dropout_counter,
-        })
-    }
-
-    /// Records where the dropout stream stopped after a forward pass.
-    pub fn set_dropout_rng(&mut self, rng: &RngStream) {
-        self.state.dropout_counter = rng.counter;
+    /// The dropout streams of a forward pass of the next optimizer step over the sequences
+    /// with global ids `examples` (in the order the pass takes them), keyed by the seed, the
+    /// step and `pass` (e.g. the micro-batch): every rank keys a sequence alike, so N ranks
+    /// drop what one process drops, and a resumed run what an uninterrupted one does.
+    pub fn dropout_keys(&self, pass: u64, examples: Vec<u64>) -> DropoutKeys {
+        let key = RngStream::keyed(&[self.state.dropout_seed, self.state.global_step, pass]).seed;
+        DropoutKeys::new(key, examples)
     }
 
     /// Applies one optimizer step: sums gradients over ranks, NaN guard, clipping, update,
@@ -362,11 +355,6 @@ impl TrainLoop {
         let samples = if dist.size() > 1 {
             let mut sum = [samples as f64];
             dist.all_reduce_f64(&mut sum, crate::dist::ReduceOp::Sum)?;
-            // Every rank goes on from the furthest dropout position any rank reached, so the
-            // state a checkpoint saves is every rank's.
-            let mut counter = [self.state.dropout_counter as f64];
-            dist.all_reduce_f64(&mut counter, crate::dist::ReduceOp::Max)?;
-            self.state.dropout_counter = counter[0] as u64;
             sum[0] as usize
         } else {
             samples
@@ -563,6 +551,19 @@ impl MicroBatch {
     /// This rank's example indices.
     pub fn mine(&self) -> &[usize] {
         &self.global[self.mine.clone()]
+    }
+
+    /// Global ids of this rank's sequences, one per example.
+    pub fn mine_ids(&self) -> Vec<u64> {
+        self.mine().iter().map(|&i| i as u64).collect()
+    }
+
+    /// Global ids of this rank's preference pairs' sequences in the order pair models take
+    /// them (every chosen, then every rejected): `2i` and `2i + 1` for pair `i`.
+    pub fn mine_pair_ids(&self) -> Vec<u64> {
+        let mine = self.mine();
+        let chosen = mine.iter().map(|&i| 2 * i as u64);
+        chosen.chain(mine.iter().map(|&i| 2 * i as u64 + 1)).collect()
     }
 }
 

@@ -234,6 +234,7 @@ fn train_common(data: String, extra: &[(&'static str, &str)]) -> Vec<(&'static s
         ("logging_steps", "1".into()),
         ("quiet", "true".into()),
     ];
+    f.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
     f.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     f
 }
@@ -242,10 +243,16 @@ fn train_common(data: String, extra: &[(&'static str, &str)]) -> Vec<(&'static s
 fn reward_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     let dir = tempfile::tempdir().unwrap();
     // 13 pairs, global micro-batches of 4: the last step of each epoch has a micro-batch of
-    // 1 (one rank empty); gradient accumulation 2; clipping at a norm the gradients exceed.
+    // 1 (one rank empty); gradient accumulation 2; clipping at a norm the gradients exceed;
+    // tiny GPT-2's dropout (0.1 on embeddings, attention and residuals) on: masks are keyed
+    // by pair, so the ranks drop what one process drops.
     let common = train_common(
         prefs(dir.path(), 13),
-        &[("gradient_accumulation_steps", "2"), ("max_grad_norm", "0.05")],
+        &[
+            ("gradient_accumulation_steps", "2"),
+            ("max_grad_norm", "0.05"),
+            ("disable_dropout", "false"),
+        ],
     );
     two_ranks_equal_one("reward", &[("per_device_train_batch_size", 2)], &common);
 }
@@ -260,7 +267,11 @@ fn dpo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     // instead of by ±lr.
     let common = train_common(
         prefs(dir.path(), 13),
-        &[("gradient_accumulation_steps", "2"), ("adam_epsilon", "1e-4")],
+        &[
+            ("gradient_accumulation_steps", "2"),
+            ("adam_epsilon", "1e-4"),
+            ("disable_dropout", "false"),
+        ],
     );
     two_ranks_equal_one("dpo", &[("per_device_train_batch_size", 2)], &common);
 }
@@ -282,7 +293,11 @@ fn sft_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     std::fs::write(&p, rows.join("\n")).unwrap();
     let common = train_common(
         p.display().to_string(),
-        &[("gradient_accumulation_steps", "2"), ("max_grad_norm", "0.5")],
+        &[
+            ("gradient_accumulation_steps", "2"),
+            ("max_grad_norm", "0.5"),
+            ("disable_dropout", "false"),
+        ],
     );
     two_ranks_equal_one("sft", &[("per_device_train_batch_size", 2)], &common);
 }
@@ -314,6 +329,7 @@ fn online_common(data: String, extra: &[(&'static str, &str)]) -> Vec<(&'static 
         ("steps_per_generation", "2".to_string()),
         ("adam_epsilon", "1e-4".to_string()),
     ]);
+    f.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
     f.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     f
 }
@@ -323,7 +339,8 @@ fn grpo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     let dir = tempfile::tempdir().unwrap();
     // Generation batches of 12 completions (6 per micro-batch × steps_per_generation 2) served
     // twice (num_iterations 2: old log-probs and clipping), a reference (beta > 0, split
-    // no-grad passes), bnpo (a token mean re-weighted across ranks), gradient clipping.
+    // no-grad passes), bnpo (a token mean re-weighted across ranks), gradient clipping, and
+    // dropout on (TRL's GRPO default), keyed by completion.
     let common = online_common(
         prompts(dir.path(), 9),
         &[
@@ -332,6 +349,7 @@ fn grpo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
             ("loss_type", "bnpo"),
             ("max_grad_norm", "0.5"),
             ("gradient_accumulation_steps", "2"),
+            ("disable_dropout", "false"),
         ],
     );
     two_ranks_equal_one("grpo", &[("per_device_train_batch_size", 3)], &common);
@@ -362,8 +380,7 @@ fn sampled_ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     // index in the step's global batch, so the ranks sample what one process samples. A
     // Llama-family policy: GPT-2's key biases have an exactly zero gradient (softmax is
     // shift-invariant), which Adam turns into moves of the size of their rounding noise.
-    // Dropout off, the value head's included (TRL's `summary_dropout_prob` defaults to 0.1):
-    // dropout masks are still drawn per rank.
+    // The value head's dropout on (TRL's `summary_dropout_prob`, 0.1), keyed by response.
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy");
     std::fs::create_dir_all(&policy).unwrap();
@@ -373,7 +390,8 @@ fn sampled_ppo_on_two_ranks_equals_one_rank_at_twice_the_batch() {
     }
     let cfg_path = policy.join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["summary_dropout_prob"] = serde_json::json!(0.0);
+    cfg["summary_dropout_prob"] = serde_json::json!(0.1);
+    cfg["attention_dropout"] = serde_json::json!(0.1);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let common = vec![
         ("model_name_or_path", policy.display().to_string()),

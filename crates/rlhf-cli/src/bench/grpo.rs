@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use rlhf_models::{Fwd, LoadOptions, Model};
-use rlhf_ops::rng::RngStream;
 use rlhf_train::grpo_config::GrpoConfig;
 use rlhf_train::online::rollout::{completion_streams, generate, score, Sampler};
 use rlhf_train::online::Reference;
@@ -64,7 +63,6 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
     let mut opt = AdamW::new(rlhf_train::trainer::trainable_params(&model), AdamConfig::default());
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
     let var_refs: Vec<_> = vars.iter().collect();
-    let mut dropout = RngStream::new(0);
     let mut generation = 0u64;
     let mut phases: Vec<[f64; 5]> = Vec::new();
     let times = super::time_steps(1, steps, || {
@@ -81,7 +79,8 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
         let sink = rlhf_ops::sink::GradSink::new();
         let all: Vec<usize> = (0..buf.len()).collect();
         let (loss, _) = {
-            let mut fwd = Fwd::train(&mut dropout).with_sink(&sink);
+            let mut keys = rlhf_ops::dropout::DropoutKeys::new(generation, all.iter().map(|&r| r as u64).collect());
+            let mut fwd = Fwd::train(&mut keys).with_sink(&sink);
             rlhf_train::grpo::micro_loss(&model, &plan, &buf, (&all, &all), 1, &mut fwd)?
         };
         let t_fwd = t.elapsed().as_secs_f64();

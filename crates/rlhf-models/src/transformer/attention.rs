@@ -107,12 +107,9 @@ impl Transformer {
         // candle ops elsewhere); q, k and v may be views of GPT-2's fused projection.
         if let Attend::Packed(p) = attend {
             let keep = match fwd.dropout.as_deref_mut() {
-                Some(rng) if cfg.attn_pdrop > 0.0 => Some(std::sync::Arc::new(AttentionConfig::dropout_keep(
-                    &p.lens,
-                    nh,
-                    cfg.attn_pdrop,
-                    &mut |n| rng.uniform_vec(n),
-                ))),
+                Some(keys) if cfg.attn_pdrop > 0.0 => {
+                    Some(std::sync::Arc::new(keys.attention_keep(nh, cfg.attn_pdrop)?))
+                }
                 _ => None,
             };
             let acfg = AttentionConfig {
@@ -147,7 +144,7 @@ impl Transformer {
             (q.matmul(&k.t()?)? * scale)?
         };
         let probs = softmax_last_dim(&scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?)?.to_dtype(dtype)?;
-        let probs = fwd.dropout(&probs, cfg.attn_pdrop)?;
+        let probs = fwd.dropout_attention(&probs, cfg.attn_pdrop)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, qw))?;
         Ok(l.attn.o_proj.forward(&out, &mut fwd.proj())?)
     }

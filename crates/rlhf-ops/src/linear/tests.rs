@@ -24,7 +24,11 @@ fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
 /// Value, `∂x` and `∂W` of `sum(linear(x, W) · c)` with the op or the composed product.
 fn run(fast: bool, bf16: bool, x: &Var, w: &Var, c: &Tensor) -> (Tensor, Tensor, Tensor) {
     let _k = set_fast_kernels(fast);
-    let p = if bf16 { MatmulPrecision::Bf16 } else { MatmulPrecision::Highest };
+    let p = if bf16 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::Highest
+    };
     with_matmul_precision(p, || {
         let y = linear(x.as_tensor(), w.as_tensor()).unwrap();
         let g = (&y * c).unwrap().sum_all().unwrap().backward().unwrap();
@@ -37,7 +41,10 @@ fn the_op_matches_the_composed_product_and_its_gradients() {
     let mut rng = RngStream::new(7);
     // Sizes off every tile boundary; k = 70 sums of products of magnitude ≤ 1.
     for (m, k, n) in [(1, 70, 3), (37, 70, 45), (64, 33, 130)] {
-        let (x, w) = (Var::from_tensor(&rand(&mut rng, m, k)).unwrap(), Var::from_tensor(&rand(&mut rng, n, k)).unwrap());
+        let (x, w) = (
+            Var::from_tensor(&rand(&mut rng, m, k)).unwrap(),
+            Var::from_tensor(&rand(&mut rng, n, k)).unwrap(),
+        );
         let c = rand(&mut rng, m, n);
         for bf16 in [false, true] {
             let (y0, dx0, dw0) = run(false, bf16, &x, &w, &c);
@@ -61,7 +68,13 @@ fn the_op_computes_no_gradient_for_a_frozen_weight() {
     let g = y.sum_all().unwrap().backward().unwrap();
     assert!(g.get(&w).is_none(), "a frozen weight's gradient is never built");
     // ∂x of sum(x Wᵀ) is every row's column sums of W.
-    let want = w.sum_keepdim(0).unwrap().broadcast_as((5, 16)).unwrap().contiguous().unwrap();
+    let want = w
+        .sum_keepdim(0)
+        .unwrap()
+        .broadcast_as((5, 16))
+        .unwrap()
+        .contiguous()
+        .unwrap();
     close(g.get(&x).unwrap(), &want, 1e-6, "dx");
 }
 

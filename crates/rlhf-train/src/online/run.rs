@@ -383,16 +383,20 @@ impl Step<'_> {
             let mut m = Metrics::new();
             let mut value = 0.0;
             if !mine.is_empty() {
-                let mut rng = lp.dropout_rng();
+                // Each completion's dropout is keyed by its row of the generation batch.
+                let rows = mine
+                    .iter()
+                    .map(|&r| generation.wrapping_mul(1 << 20).wrapping_add(r as u64))
+                    .collect();
+                let mut keys = lp.dropout_keys(k, rows);
                 let sink = GradSink::new();
-                let mut fwd = rlhf_models::Fwd::train(&mut rng).with_sink(&sink);
+                let mut fwd = rlhf_models::Fwd::train(&mut keys).with_sink(&sink);
                 let (loss, metrics) = self.algo.micro_loss(self.model, buf, (mine, &global), ga, &mut fwd)?;
                 value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 if value.is_finite() {
                     grads.add(&var_refs, &loss.backward()?)?;
                     grads.add_sink(&var_refs, sink.take())?;
                 }
-                lp.set_dropout_rng(&rng);
                 m = metrics;
             }
             if dist.any(!value.is_finite())? {
