@@ -349,8 +349,8 @@ fn reward(name: &str, cfg: ModelConfig, lora: bool, warmup: usize, steps: usize)
     let times = time_steps(warmup, steps, || {
         // With several ranks each takes its part of the 8 pairs (loss weighted by its share).
         let batch: Vec<&Pair> = mine.clone().map(|k| &pairs[(step * 8 + k) % pairs.len()]).collect();
-        let pair_ids = mine.clone().map(|k| (step * 8 + k) as u64 * 2);
-        let ids = pair_ids.clone().chain(pair_ids.map(|i| i + 1)).collect();
+        let pairs_now: Vec<usize> = mine.clone().map(|k| step * 8 + k).collect();
+        let ids = rlhf_train::trainer::pair_sequence_ids(&pairs_now);
         let mut keys = rlhf_ops::dropout::DropoutKeys::new(step as u64, ids);
         step += 1;
         tokens = batch.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();

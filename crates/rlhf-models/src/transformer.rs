@@ -444,8 +444,7 @@ impl Transformer {
             None => positions_from_mask(&mask_rows, t, max_pos, self.cfg.max_positions_key())?,
         };
         if let Some(keys) = fwd.dropout.as_deref_mut() {
-            let new: Vec<Vec<u32>> = mask_rows.iter().map(|r| r[past..].to_vec()).collect();
-            keys.set_padded(&new, t)?;
+            keys.set_padded(&mask_rows, t)?;
         }
         let x = self
             .embed(&ids.flatten_all()?, &positions, fwd)?

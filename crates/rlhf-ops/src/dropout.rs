@@ -50,11 +50,6 @@ impl DropoutKeys {
         }
     }
 
-    /// The global ids of the pass's sequences.
-    pub fn examples(&self) -> &[u64] {
-        &self.examples
-    }
-
     /// The sequences are packed end to end with these lengths.
     pub fn set_packed(&mut self, lens: &[usize]) -> Result<()> {
         self.check_count(lens.len())?;
@@ -62,16 +57,23 @@ impl DropoutKeys {
         Ok(())
     }
 
-    /// The sequences are the rows of a padded `(B, T)` batch whose real tokens are where
-    /// `mask` (`B` rows of `T`) is non-zero.
+    /// The sequences are the rows of a padded `(B, T)` batch of new tokens whose real tokens
+    /// are where the last `T` columns of `mask` (`B` rows, a cached past first) are non-zero.
     pub fn set_padded(&mut self, mask: &[Vec<u32>], t: usize) -> Result<()> {
         self.check_count(mask.len())?;
-        if let Some(r) = mask.iter().position(|r| r.len() != t) {
-            candle_core::bail!("dropout: mask row {r} has {} columns, expected {t}", mask[r].len())
+        if let Some(r) = mask.iter().position(|r| r.len() < t) {
+            candle_core::bail!("dropout: mask row {r} has {} columns, fewer than {t}", mask[r].len())
         }
         let cols = mask
             .iter()
-            .map(|r| r.iter().enumerate().filter(|(_, &m)| m != 0).map(|(c, _)| c).collect())
+            .map(|r| {
+                r[r.len() - t..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &m)| m != 0)
+                    .map(|(c, _)| c)
+                    .collect()
+            })
             .collect();
         self.tokens = Tokens::Padded { t, cols };
         Ok(())
@@ -131,7 +133,7 @@ impl DropoutKeys {
             }
         }
         self.site += 1;
-        apply(x, p, u)
+        crate::nn::dropout(x, p, &mut |_| std::mem::take(&mut u))
     }
 
     /// Dropout with probability `p` on padded attention probabilities `(B, nh, T, T)`.
@@ -165,7 +167,7 @@ impl DropoutKeys {
             }
         }
         self.site += 1;
-        apply(probs, p, u)
+        crate::nn::dropout(probs, p, &mut |_| std::mem::take(&mut u))
     }
 
     /// Keep factors (`0` or `1/(1−p)`) for the packed attention kernel's probabilities, in
@@ -188,14 +190,6 @@ impl DropoutKeys {
         self.site += 1;
         Ok(keep)
     }
-}
-
-/// `x · mask` with `mask = 0` where `u < p` and `1/(1−p)` elsewhere.
-fn apply(x: &Tensor, p: f64, u: Vec<f32>) -> Result<Tensor> {
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let p = p as f32;
-    let mask: Vec<f32> = u.into_iter().map(|u| if u < p { 0.0 } else { scale }).collect();
-    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
 #[cfg(test)]

@@ -558,13 +558,17 @@ impl MicroBatch {
         self.mine().iter().map(|&i| i as u64).collect()
     }
 
-    /// Global ids of this rank's preference pairs' sequences in the order pair models take
-    /// them (every chosen, then every rejected): `2i` and `2i + 1` for pair `i`.
+    /// Global ids of this rank's preference pairs' sequences ([`pair_sequence_ids`]).
     pub fn mine_pair_ids(&self) -> Vec<u64> {
-        let mine = self.mine();
-        let chosen = mine.iter().map(|&i| 2 * i as u64);
-        chosen.chain(mine.iter().map(|&i| 2 * i as u64 + 1)).collect()
+        pair_sequence_ids(self.mine())
     }
+}
+
+/// Global ids of the sequences of preference pairs `pairs` in the order pair models take
+/// them (every chosen, then every rejected): `2i` and `2i + 1` for pair `i`.
+pub fn pair_sequence_ids(pairs: &[usize]) -> Vec<u64> {
+    let chosen = pairs.iter().map(|&i| 2 * i as u64);
+    chosen.chain(pairs.iter().map(|&i| 2 * i as u64 + 1)).collect()
 }
 
 fn progress_message(obj: &Value) -> String {
