@@ -432,9 +432,9 @@ fn ppo(name: &str, cfg: ModelConfig, adapt: Adapt, steps: usize) -> anyhow::Resu
         ..Default::default()
     };
     let (mut trainer, _) = PpoTrainer::new(ppo_cfg, policy, reference)?;
-    let prompts: Vec<(String, Vec<u32>)> = rlhf_train::assets::ppo_prompts()
+    let prompts: Vec<rlhf_train::ppo_run::Query> = rlhf_train::assets::ppo_prompts()
         .into_iter()
-        .map(|p| tok.encode(&p).map(|ids| (p, ids)))
+        .map(|p| tok.encode(&p).map(|ids| rlhf_train::ppo_run::Query::text(p, ids)))
         .collect::<Result<_, _>>()?;
     let gen = GenerationConfig {
         max_new_tokens: 32,
@@ -446,9 +446,9 @@ fn ppo(name: &str, cfg: ModelConfig, adapt: Adapt, steps: usize) -> anyhow::Resu
     let mut phases: Vec<[f64; 3]> = Vec::new();
     let mut ppo_times: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
     let times = time_steps(1, steps, || {
-        let batch: Vec<&(String, Vec<u32>)> = (0..16).map(|i| &prompts[(k * 16 + i) % prompts.len()]).collect();
+        let batch: Vec<&rlhf_train::ppo_run::Query> = (0..16).map(|i| &prompts[(k * 16 + i) % prompts.len()]).collect();
         k += 1;
-        let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let queries: Vec<Vec<u32>> = batch.iter().map(|q| q.ids.clone()).collect();
         let t0 = Instant::now();
         let responses = trainer.generate(&queries, &gen, None, 16, &mut rng)?;
         let t1 = Instant::now();

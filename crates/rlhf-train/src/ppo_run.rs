@@ -132,11 +132,33 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     (0..rows.len()).map(|i| rows.text(i, col).map(str::to_string)).collect()
 }
 
+/// A PPO prompt: its ids, its text (what the sample logs show, and what a reward model reads
+/// before the response for a text prompt) and its conversation, when it is one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    /// The prompt text (a conversation: its rendering without special tokens).
+    pub text: String,
+    /// The ids the policy continues.
+    pub ids: Vec<u32>,
+    /// The messages of a conversational prompt.
+    pub conversation: Option<Vec<rlhf_models::Message>>,
+}
+
+impl Query {
+    /// A text prompt.
+    pub fn text(text: String, ids: Vec<u32>) -> Self {
+        Self {
+            text,
+            ids,
+            conversation: None,
+        }
+    }
+}
+
 /// Prompts with their ids: `query` (or `prompt`) text tokenised with the tokenizer's special
 /// tokens, or a conversation rendered with the model's chat template and the generation
-/// prompt ([`ChatData::prompt_ids`]). The text of a conversation (what the reward model reads
-/// before the response) is its rendering without special tokens.
-pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<(String, Vec<u32>)>> {
+/// prompt ([`ChatData::prompt_ids`]).
+pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<Query>> {
     let rows = read_data(path)?;
     let tok = model.tokenizer()?;
     let data = ChatData::with_template(tok, model.chat_template.as_ref());
@@ -144,11 +166,14 @@ pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<(String, Vec<u32>)>>
     (0..rows.len())
         .map(|i| {
             let ids = data.prompt_ids(&rows, i)?;
-            let text = match rows.rows[i].get(col) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                _ => tok.decode(&ids, true)?,
-            };
-            Ok((text, ids))
+            Ok(match data.field(&rows, i, col)? {
+                crate::chat_data::Field::Text(text) => Query::text(text, ids),
+                crate::chat_data::Field::Messages(m) => Query {
+                    text: tok.decode(&ids, true)?,
+                    ids,
+                    conversation: Some(m),
+                },
+            })
         })
         .collect()
 }
@@ -205,12 +230,10 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
     let max_new = cfg
         .output_max_length
         .map_or(cfg.max_new_tokens, |m| m.saturating_sub(1).max(1));
-    let mut prompts: Vec<(String, Vec<u32>)> = Vec::new();
-    for (t, ids) in prompt_ids(&trainer.model, Path::new(&cfg.train_file))? {
-        if !ids.is_empty() && ids.len() + max_new <= n_pos {
-            prompts.push((t, ids));
-        }
-    }
+    let prompts: Vec<Query> = prompt_ids(&trainer.model, Path::new(&cfg.train_file))?
+        .into_iter()
+        .filter(|q| !q.ids.is_empty() && q.ids.len() + max_new <= n_pos)
+        .collect();
     let dist = crate::dist::world();
     let bs = cfg.ppo.batch_size * dist.size();
     if prompts.len() < bs {
@@ -281,11 +304,11 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         let start = (s % per_epoch) as usize * bs;
         // This rank's part of the step's prompts, each sampled from its own stream.
         let mine = crate::dist::split(bs, dist.rank(), dist.size());
-        let batch: Vec<&(String, Vec<u32>)> = perm[start + mine.start..start + mine.end]
+        let batch: Vec<&Query> = perm[start + mine.start..start + mine.end]
             .iter()
             .map(|&i| &prompts[i])
             .collect();
-        let queries: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let queries: Vec<Vec<u32>> = batch.iter().map(|q| q.ids.clone()).collect();
         let (mut streams, max_new_tokens) = step_streams(cfg.ppo.seed, s, bs, sampler, gen.max_new_tokens);
         let step_gen = GenerationConfig {
             max_new_tokens,
@@ -316,8 +339,8 @@ pub fn train_until(cfg: &PpoRunConfig, stop: &StopSignal) -> Result<PpoOutcome> 
         }
         if cfg.log_samples > 0 && trainer.current_step % cfg.log_samples == 0 {
             let mut table = format!("step {}: query | response | reward", trainer.current_step);
-            for ((q, _), (r, sc)) in batch.iter().zip(texts.iter().zip(&scores)).take(4) {
-                table.push_str(&format!("\n  {} | {} | {sc:.3}", one_line(q), one_line(r)));
+            for (q, (r, sc)) in batch.iter().zip(texts.iter().zip(&scores)).take(4) {
+                table.push_str(&format!("\n  {} | {} | {sc:.3}", one_line(&q.text), one_line(r)));
             }
             say(table);
         }
@@ -440,12 +463,18 @@ fn one_line(s: &str) -> String {
     }
 }
 
-/// Rewards of query + response texts from a reward model (re-tokenised with its tokenizer,
-/// EOS appended, as it was trained).
-pub fn score_texts(rm: &Model, batch: &[&(String, Vec<u32>)], responses: &[String], chunk: usize) -> Result<Vec<f32>> {
+/// Rewards of query + response texts from a reward model, re-tokenised with its tokenizer as
+/// it was trained: a text query as `query + response` with EOS appended
+/// ([`crate::score::reward_tokens`]); a conversation with the response as the assistant's turn,
+/// rendered with the reward model's chat template
+/// ([`crate::score::conversation_reward_ids`]).
+pub fn score_texts(rm: &Model, batch: &[&Query], responses: &[String], chunk: usize) -> Result<Vec<f32>> {
     let mut seqs = Vec::with_capacity(batch.len());
-    for ((q, _), r) in batch.iter().zip(responses) {
-        let mut ids = reward_tokens(rm, q, r)?;
+    for (q, r) in batch.iter().zip(responses) {
+        let mut ids = match &q.conversation {
+            Some(msgs) => crate::score::conversation_reward_ids(rm, msgs, r)?,
+            None => reward_tokens(rm, &q.text, r)?,
+        };
         ids.truncate(rm.cfg().max_position_embeddings);
         seqs.push(ids);
     }

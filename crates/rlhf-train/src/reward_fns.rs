@@ -262,6 +262,8 @@ pub struct RewardBatch {
     /// Every other dataset column by name, the row's value repeated per generation
     /// (`null` where a row lacks the column).
     pub columns: BTreeMap<String, Vec<Value>>,
+    /// The prompt's conversation, for conversational rows (`None` for text prompts).
+    pub conversations: Vec<Option<Vec<rlhf_models::Message>>>,
 }
 
 /// Keys of the command protocol that a dataset column may not take.
@@ -308,6 +310,10 @@ impl RewardBatch {
                 .iter()
                 .flat_map(|r| std::iter::repeat_n(r.prompt.clone(), num_generations))
                 .collect(),
+            conversations: rows
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.conversation.clone(), num_generations))
+                .collect(),
             completions,
             completion_ids,
             columns,
@@ -324,15 +330,29 @@ impl RewardBatch {
         self.completions.is_empty()
     }
 
-    /// The request line of the command protocol ([`command`]): one JSON object.
+    /// The request line of the command protocol ([`command`]): one JSON object. As TRL calls
+    /// a reward function, a conversational row's prompt is its message list and its
+    /// completion `[{"role": "assistant", "content": ...}]`; a text row's are strings.
     pub fn request_json(&self) -> Result<String> {
         let err = |e: serde_json::Error| TrainError::Config(format!("reward request: {e}"));
+        let mut prompts = Vec::with_capacity(self.len());
+        let mut completions = Vec::with_capacity(self.len());
+        for (i, (p, c)) in self.prompts.iter().zip(&self.completions).enumerate() {
+            match self.conversations.get(i).and_then(Option::as_ref) {
+                Some(msgs) => {
+                    let list: Vec<&Map<String, Value>> = msgs.iter().map(|m| m.fields()).collect();
+                    prompts.push(serde_json::to_value(list).map_err(err)?);
+                    completions.push(serde_json::json!([{"role": "assistant", "content": c}]));
+                }
+                None => {
+                    prompts.push(Value::String(p.clone()));
+                    completions.push(Value::String(c.clone()));
+                }
+            }
+        }
         let mut m = Map::new();
-        m.insert("prompts".into(), serde_json::to_value(&self.prompts).map_err(err)?);
-        m.insert(
-            "completions".into(),
-            serde_json::to_value(&self.completions).map_err(err)?,
-        );
+        m.insert("prompts".into(), Value::Array(prompts));
+        m.insert("completions".into(), Value::Array(completions));
         m.insert(
             "completion_ids".into(),
             serde_json::to_value(&self.completion_ids).map_err(err)?,

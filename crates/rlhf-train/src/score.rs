@@ -55,6 +55,19 @@ pub fn reward_tokens(model: &Model, prompt: &str, response: &str) -> Result<Vec<
     Ok(ids)
 }
 
+/// The ids a reward model reads for a response to a conversation: `prompt + [{"role":
+/// "assistant", "content": response}]` rendered with the reward model's chat template (no
+/// generation prompt) and tokenised without adding special tokens, as TRL 1.16's
+/// `GRPOTrainer._calculate_rewards` renders conversational data. The rendering ends the way
+/// the reward model's conversational training pairs end (the template's end of turn).
+pub fn conversation_reward_ids(model: &Model, prompt: &[rlhf_models::Message], response: &str) -> Result<Vec<u32>> {
+    let mut messages = prompt.to_vec();
+    messages.push(rlhf_models::Message::new("assistant", response));
+    let template = model.chat_template()?;
+    let enc = template.encode(model.tokenizer()?, &messages, &rlhf_models::RenderOptions::default())?;
+    Ok(enc.ids)
+}
+
 /// Scores every row in file order, `batch_size` sequences per forward pass.
 ///
 /// Rows with `chosen` and `rejected` are pairs; rows with `text`, or `prompt` and

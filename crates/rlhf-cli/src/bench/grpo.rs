@@ -57,6 +57,7 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
         .map(|p| rlhf_train::data::PromptRow {
             prompt: p.clone(),
             columns: Default::default(),
+            conversation: None,
         })
         .collect();
     let row_refs: Vec<&rlhf_train::data::PromptRow> = rows.iter().collect();

@@ -4,9 +4,9 @@
 //! its own name, one value per completion).
 //!
 //! A prompt is plain text or a conversation (a list of `{"role", "content"}` messages, TRL's
-//! conversational format). A conversation is kept in [`PromptSet::conversations`] for the
-//! trainer to render with the model's chat template; its [`PromptRow::prompt`] is the text of
-//! its last message, for rule rewards and reports.
+//! conversational format). A conversation is kept in [`PromptRow::conversation`] for the
+//! trainer to render with the model's chat template (and reward models with theirs); its
+//! [`PromptRow::prompt`] is the text of its last message, for rule rewards and reports.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,8 @@ pub struct PromptRow {
     pub prompt: String,
     /// Every other column of the row (`solution`, `answer`, ...), by name.
     pub columns: Row,
+    /// The conversation, when the prompt is one (`None` for a text prompt).
+    pub conversation: Option<Vec<rlhf_models::Message>>,
 }
 
 /// The prompts of a data file.
@@ -33,8 +35,6 @@ pub struct PromptSet {
     pub prompt_column: String,
     /// The rows in file order.
     pub rows: Vec<PromptRow>,
-    /// Per row, the conversation when the prompt is one (`None` for text prompts).
-    pub conversations: Vec<Option<Vec<rlhf_models::Message>>>,
 }
 
 /// The column names that hold prompts, in order of preference (TRL 1.x's `prompt`, then
@@ -64,7 +64,6 @@ pub fn prompt_rows(rows: Rows) -> Result<PromptSet> {
         msg,
     };
     let mut out = Vec::with_capacity(rows.len());
-    let mut conversations = Vec::with_capacity(rows.len());
     for (i, row) in rows.rows.iter().enumerate() {
         let (prompt, conversation) = match row.get(col) {
             Some(v @ Value::Array(_)) => {
@@ -75,7 +74,6 @@ pub fn prompt_rows(rows: Rows) -> Result<PromptSet> {
             }
             _ => (rows.text(i, col)?.to_string(), None),
         };
-        conversations.push(conversation);
         if prompt.is_empty() {
             return Err(row_err(
                 i,
@@ -84,13 +82,16 @@ pub fn prompt_rows(rows: Rows) -> Result<PromptSet> {
         }
         let mut columns = row.clone();
         columns.remove(col);
-        out.push(PromptRow { prompt, columns });
+        out.push(PromptRow {
+            prompt,
+            columns,
+            conversation,
+        });
     }
     Ok(PromptSet {
         path: rows.path,
         prompt_column: col.to_string(),
         rows: out,
-        conversations,
     })
 }
 
@@ -169,12 +170,12 @@ mod tests {
             json!({"prompt": "text"}),
         ]))
         .unwrap();
-        let conv = set.conversations[0].as_ref().unwrap();
+        let conv = set.rows[0].conversation.as_ref().unwrap();
         assert_eq!(conv.len(), 2);
         assert_eq!(conv[1].text(), Some("hi"));
         assert_eq!(set.rows[0].prompt, "hi");
         assert_eq!(set.rows[0].columns["answer"], json!("1"));
-        assert!(set.conversations[1].is_none());
+        assert!(set.rows[1].conversation.is_none());
     }
 
     #[test]

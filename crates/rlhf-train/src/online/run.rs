@@ -162,7 +162,7 @@ fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) ->
     for (i, r) in set.rows.iter().enumerate() {
         // TRL tokenizes text prompts with the tokenizer's special tokens (Llama 3: BOS
         // first) and renders conversations with the chat template and the generation prompt.
-        let p = match &set.conversations[i] {
+        let p = match &r.conversation {
             None => tok.encode_special(&r.prompt, true)?,
             Some(msgs) => {
                 let template = model.chat_template.as_ref().ok_or_else(|| TrainError::Row {

@@ -4,10 +4,11 @@
 //! TRL 1.16 (`GRPOTrainer._calculate_rewards`) scores the text `prompt + completion` —
 //! the completion decoded with special tokens skipped, no EOS appended — tokenized by the
 //! reward model's tokenizer without special tokens, right-padded, and takes
-//! `logits[:, 0]`. Conversational data is first rendered with the reward tokenizer's chat
-//! template (`{"messages": prompt + completion}`); that rendering is not done here (the
-//! prompts are plain text). The score is read where [`Model::scores_packed`] reads it
-//! (the pooling of the reward model's own training and of `rlhf score`).
+//! `logits[:, 0]`. A conversational prompt is first rendered with the reward model's chat
+//! template as `prompt + [{"role": "assistant", "content": completion}]`, with no generation
+//! prompt ([`crate::score::conversation_reward_ids`]). The score is read where
+//! [`Model::scores_packed`] reads it (the pooling of the reward model's own training and of
+//! `rlhf score`).
 
 use std::path::Path;
 
@@ -56,7 +57,15 @@ impl RewardModel {
         let n_pos = self.model.cfg().max_position_embeddings;
         let mut seqs = Vec::with_capacity(batch.len());
         for (i, (p, c)) in batch.prompts.iter().zip(&batch.completions).enumerate() {
-            let ids = tok.encode(&format!("{p}{c}"))?;
+            let ids = match batch.conversations.get(i).and_then(Option::as_ref) {
+                Some(msgs) => {
+                    crate::score::conversation_reward_ids(&self.model, msgs, c).map_err(|e| TrainError::Reward {
+                        name: self.name.clone(),
+                        msg: format!("completion {i}: {e}"),
+                    })?
+                }
+                None => tok.encode(&format!("{p}{c}"))?,
+            };
             if ids.is_empty() || ids.len() > n_pos {
                 return Err(TrainError::Reward {
                     name: self.name.clone(),

@@ -207,6 +207,7 @@ mod tests {
             completions: completions.iter().map(|s| s.to_string()).collect(),
             completion_ids: ids.iter().map(|&n| vec![7; n]).collect(),
             columns: Default::default(),
+            conversations: Vec::new(),
         }
     }
 

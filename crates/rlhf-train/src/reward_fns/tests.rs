@@ -18,6 +18,7 @@ fn row(prompt: &str, columns: Value) -> PromptRow {
     PromptRow {
         prompt: prompt.into(),
         columns: columns.as_object().unwrap().clone(),
+        conversation: None,
     }
 }
 
