@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use rlhf_models::{GenerationConfig, LoadOptions, Model, ModelConfig, Tokenizer};
+use rlhf_models::{Family, GenerationConfig, LoadOptions, Model, ModelConfig, Tokenizer};
 use rlhf_ops::rng::RngStream;
-use rlhf_train::ppo_run::score_texts;
+use rlhf_train::ppo_run::{score_texts, Query};
 use rlhf_train::reward::RewardConfig;
 use rlhf_train::sft::SftConfig;
-use rlhf_train::synth::{self, Split, SynthConfig};
+use rlhf_train::synth::{self, SynthConfig};
 use rlhf_train::trainer::TrainingArgs;
 use serde_json::json;
 
@@ -34,13 +34,40 @@ pub struct Args {
     /// or `all` (the four from the same SFT and reward models, compared in one table).
     #[arg(long, value_enum, default_value = "ppo")]
     algorithm: algorithms::Algorithm,
+    /// The model: `qwen2` (a Qwen2-style chat model trained on conversations rendered with
+    /// its ChatML template, the default) or `gpt2` (a GPT-2 on plain `User:`/`Assistant:`
+    /// text).
+    #[arg(long, value_enum, default_value = "qwen2")]
+    family: QuickFamily,
+}
+
+/// The model family of a quickstart run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuickFamily {
+    /// A Qwen2-style chat model (RMSNorm, RoPE, SwiGLU, grouped-query attention with q/k/v
+    /// biases, tied embeddings) on conversational data.
+    Qwen2,
+    /// A GPT-2 on plain text.
+    Gpt2,
+}
+
+impl QuickFamily {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Qwen2 => "qwen2",
+            Self::Gpt2 => "gpt2",
+        }
+    }
 }
 
 /// Sizes of one quickstart run.
 struct Plan {
     synth: SynthConfig,
+    family: QuickFamily,
     layers: usize,
     hidden: usize,
+    /// Positions of the model, and the SFT / reward / DPO `max_length`.
+    max_length: usize,
     sft_epochs: f64,
     sft_lr: f64,
     rm_epochs: f64,
@@ -63,7 +90,12 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(fast: bool, seed: u64) -> Self {
+    fn new(fast: bool, seed: u64, family: QuickFamily) -> Self {
+        // A conversation holds a few more tokens than its text row (the turn markers).
+        let max_length = match family {
+            QuickFamily::Gpt2 => 64,
+            QuickFamily::Qwen2 => 72,
+        };
         if fast {
             Self {
                 synth: SynthConfig {
@@ -73,6 +105,8 @@ impl Plan {
                     n_pairs_eval: 200,
                     n_prompts: 256,
                 },
+                family,
+                max_length,
                 layers: 2,
                 hidden: 128,
                 sft_epochs: 5.0,
@@ -102,6 +136,8 @@ impl Plan {
                     n_pairs_eval: 200,
                     n_prompts: 512,
                 },
+                family,
+                max_length,
                 layers: 4,
                 hidden: 128,
                 sft_epochs: 4.0,
@@ -173,14 +209,20 @@ fn share(v: &[bool]) -> f64 {
     v.iter().filter(|&&g| g).count() as f64 / v.len().max(1) as f64
 }
 
-/// Samples one response per prompt (seeded, as PPO samples), scores and judges it.
-fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow::Result<Eval> {
+/// The user's words of a prompt, as the judge reads them.
+fn question(q: &Query) -> &str {
+    q.conversation
+        .as_ref()
+        .and_then(|m| m.last())
+        .and_then(|m| m.text())
+        .unwrap_or(&q.text)
+}
+
+/// Samples one response per prompt (seeded, as PPO samples), scores it with the reward model
+/// the way PPO does ([`score_texts`]) and judges it.
+fn evaluate(policy: &Model, rm: &Model, prompts: &[Query], seed: u64) -> anyhow::Result<Eval> {
     let tok = policy.tokenizer()?;
-    let queries: Vec<(String, Vec<u32>)> = prompts
-        .iter()
-        .map(|p| tok.encode(p).map(|ids| (p.clone(), ids)))
-        .collect::<Result<_, _>>()?;
-    let ids: Vec<Vec<u32>> = queries.iter().map(|(_, q)| q.clone()).collect();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|q| q.ids.clone()).collect();
     let gen = GenerationConfig {
         max_new_tokens: 40,
         eos_token_id: policy.eos_token_ids(),
@@ -193,12 +235,12 @@ fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow
         .iter()
         .map(|r| tok.decode(r, true))
         .collect::<Result<_, _>>()?;
-    let refs: Vec<&(String, Vec<u32>)> = queries.iter().collect();
+    let refs: Vec<&Query> = prompts.iter().collect();
     let rewards = score_texts(rm, &refs, &responses, 32)?;
     let verdicts: Vec<synth::Judgement> = prompts
         .iter()
         .zip(&responses)
-        .map(|(p, r)| synth::judge(p, r))
+        .map(|(q, r)| synth::judge(question(q), r))
         .collect();
     let good = verdicts.iter().map(|j| j.good).collect();
     let style = verdicts
@@ -206,7 +248,7 @@ fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow
         .map(|j| j.polite && !j.rude_or_negative && !j.off_topic)
         .collect();
     Ok(Eval {
-        ids: queries.into_iter().map(|(_, q)| q).zip(out.response_ids).collect(),
+        ids: ids.into_iter().zip(out.response_ids).collect(),
         responses,
         rewards,
         good,
@@ -214,9 +256,65 @@ fn evaluate(policy: &Model, rm: &Model, prompts: &[String], seed: u64) -> anyhow
     })
 }
 
+/// Writes the data files, trains the tokenizer and saves the untrained model under `base/`
+/// (a chat model with its `tokenizer_config.json` and `chat_template.jinja`).
+fn prepare(plan: &Plan, seed: u64, out: &Path) -> anyhow::Result<(synth::SynthFiles, PathBuf)> {
+    let data = out.join("data");
+    let tok_path = data.join("tokenizer.json");
+    let chat = plan.family == QuickFamily::Qwen2;
+    let (files, tokenizer) = if chat {
+        let files = synth::chat::write_all(&plan.synth, &data)?;
+        let json = synth::chat::tokenizer_json(&plan.synth, synth::DEFAULT_VOCAB_SIZE)?;
+        let mut tok = Tokenizer::from_json(json, &tok_path, None, None)?;
+        let im_end = tok
+            .token_to_id(synth::chat::IM_END)
+            .context("the chat tokenizer has no <|im_end|>")?;
+        tok.eos_token_id = im_end;
+        tok.eos_token_ids = vec![im_end, tok.pad_token_id];
+        (files, tok)
+    } else {
+        let files = synth::write_all(&plan.synth, &data)?;
+        let json = synth::tokenizer_json(&plan.synth, synth::DEFAULT_VOCAB_SIZE)?;
+        (files, Tokenizer::from_json(json, &tok_path, None, None)?)
+    };
+    println!(
+        "{} SFT rows, {} + {} preference pairs, {} prompts{}; tokenizer of {} tokens",
+        plan.synth.n_sft,
+        plan.synth.n_pairs_train,
+        plan.synth.n_pairs_eval,
+        plan.synth.n_prompts,
+        if chat { ", as conversations" } else { "" },
+        tokenizer.vocab_size()
+    );
+    let (v, h) = (tokenizer.vocab_size(), plan.hidden);
+    let cfg = if chat {
+        // SwiGLU's three matrices of 2h (GPT-2's MLP: two of 4h); 2 key/value heads for 4
+        // query heads. A conversation holds ~12 % more tokens than its text row, which the
+        // smaller MLP pays for.
+        let mut c = ModelConfig::llama_family(Family::Qwen2, h, 2 * h, plan.layers, 4, 2, v, 10_000.0)?;
+        c.tie_word_embeddings = true;
+        c.max_position_embeddings = plan.max_length;
+        (c.eos_token_id, c.bos_token_id, c.pad_token_id) =
+            (tokenizer.eos_token_ids.clone(), None, Some(tokenizer.pad_token_id));
+        c
+    } else {
+        let mut c = ModelConfig::gpt2(plan.layers, 4, h, plan.max_length, v);
+        (c.eos_token_id, c.bos_token_id) = (vec![tokenizer.eos_token_id], Some(tokenizer.eos_token_id));
+        c
+    };
+    let mut base = Model::random(cfg, seed, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    base.set_tokenizer(tokenizer);
+    let base_dir = out.join("base");
+    base.save(&base_dir)?;
+    if chat {
+        synth::chat::write_tokenizer_files(&base_dir, plan.max_length)?;
+    }
+    Ok((files, base_dir))
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let plan = Plan::new(a.fast, a.seed);
+    let plan = Plan::new(a.fast, a.seed, a.family);
     let out = &a.output_dir;
     if out.exists() && !out.join("summary.json").exists() && std::fs::read_dir(out)?.next().is_some() {
         anyhow::bail!(
@@ -234,34 +332,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     // 1. data: the synthetic world, and a byte-level BPE tokenizer trained on it
     heading("1/5 data: a synthetic assistant world (polite, helpful, on-topic answers preferred)");
-    let files = synth::write_all(&plan.synth, &out.join("data"))?;
-    let tok_json = synth::tokenizer_json(&plan.synth, synth::DEFAULT_VOCAB_SIZE)?;
-    let tokenizer = Tokenizer::from_json(tok_json, &out.join("data/tokenizer.json"), None, None)?;
-    println!(
-        "{} SFT rows, {} + {} preference pairs, {} prompts; tokenizer of {} tokens",
-        plan.synth.n_sft,
-        plan.synth.n_pairs_train,
-        plan.synth.n_pairs_eval,
-        plan.synth.n_prompts,
-        tokenizer.vocab_size()
-    );
-    let mut cfg = ModelConfig::gpt2(plan.layers, 4, plan.hidden, 64, tokenizer.vocab_size());
-    (cfg.eos_token_id, cfg.bos_token_id) = (vec![tokenizer.eos_token_id], Some(tokenizer.eos_token_id));
-    let mut base = Model::random(cfg, a.seed, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-    base.set_tokenizer(tokenizer);
-    let base_dir = out.join("base");
-    base.save(&base_dir)?;
+    let (files, base_dir) = prepare(&plan, a.seed, out)?;
     stage("data", &mut lap);
 
     // 2. SFT: the policy learns the style, good and bad answers alike
+    let model_name = match plan.family {
+        QuickFamily::Qwen2 => "Qwen2-style chat model",
+        QuickFamily::Gpt2 => "GPT-2",
+    };
     heading(&format!(
-        "2/5 SFT: a {}-layer GPT-2 ({} hidden) learns to answer",
+        "2/5 SFT: a {}-layer {model_name} ({} hidden) learns to answer",
         plan.layers, plan.hidden
     ));
     let sft_cfg = SftConfig {
         model_name_or_path: base_dir.display().to_string(),
         dataset_name: Some(files.sft.display().to_string()),
-        max_length: Some(64),
+        max_length: Some(plan.max_length),
         args: args(&out.join("sft"), plan.sft_epochs, plan.sft_lr, a.seed),
         ..SftConfig::default()
     };
@@ -275,7 +361,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let rm_cfg = RewardConfig {
         model_name_or_path: sft.final_dir.display().to_string(),
         dataset_name: Some(files.prefs.display().to_string()),
-        max_length: Some(64),
+        max_length: Some(plan.max_length),
         args: rm_args,
         ..RewardConfig::default()
     };
@@ -291,11 +377,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "4/5 {} with LoRA (reference = adapters disabled)",
         names.join(", ").to_uppercase()
     ));
-    let eval_prompts: Vec<String> = synth::prompts(&plan.synth, Split::Eval)
-        .into_iter()
-        .take(plan.eval_prompts)
-        .collect();
     let sft_model = Model::load(&sft.final_dir, &LoadOptions::default())?;
+    let eval_prompts: Vec<Query> =
+        rlhf_train::ppo_run::prompt_ids(&sft_model, &files.prompts.join("validation.jsonl"))?
+            .into_iter()
+            .take(plan.eval_prompts)
+            .collect();
     let before = evaluate(&sft_model, &rm.model, &eval_prompts, a.seed + 11)?;
     let inputs = algorithms::Inputs {
         out,
@@ -329,7 +416,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (_, first, after, _, _) = &results[0];
     let samples: Vec<serde_json::Value> = (0..eval_prompts.len().min(6))
         .map(|i| {
-            json!({"prompt": eval_prompts[i], "before": before.responses[i], "after": after.responses[i],
+            json!({"prompt": question(&eval_prompts[i]), "before": before.responses[i], "after": after.responses[i],
                    "reward_before": before.rewards[i], "reward_after": after.rewards[i],
                    "judge_before": before.style[i], "judge_after": after.style[i]})
         })
@@ -374,6 +461,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "seed": a.seed,
         "threads": threads,
         "algorithm": a.algorithm.name(),
+        "family": plan.family.name(),
         "seconds": seconds,
         "reward_model_eval_accuracy": rm_accuracy,
         "eval_prompts": eval_prompts.len(),

@@ -4,8 +4,9 @@
 //! The world has 40 everyday topics, each with keywords and three concrete tips. A prompt is
 //! `"User: <question about a topic>\nAssistant:"` from one of 10 question templates; a
 //! response starts with a space. A good response is polite, on topic and gives one of the
-//! topic's tips. A bad one is one of four [`Kind`]s: rude, negative, unhelpful (polite and on
-//! topic, but no tip), or off topic (a polite, helpful answer about another topic).
+//! topic's tips. A bad one is one of four [`Kind`]s: rude, negative, unhelpful (polite but no
+//! tip: a vague on-topic line or a bare pleasantry), or off topic (a polite, helpful answer
+//! about another topic).
 //!
 //! Splits: train rows (SFT rows, train pairs, train prompts) use the first 8 question
 //! templates; eval rows (eval pairs, eval prompts) use the 2 held-out templates, so no eval
@@ -17,6 +18,7 @@
 //! shown to the reward model. [`train_tokenizer`] builds a byte-level BPE for a tiny model.
 
 mod bpe;
+pub mod chat;
 mod judge;
 mod world;
 
@@ -28,7 +30,7 @@ use serde_json::json;
 use crate::error::{Result, TrainError};
 use world::{fill, Topic, TOPICS};
 
-pub use bpe::{train_tokenizer, DEFAULT_VOCAB_SIZE, EOS_TOKEN};
+pub use bpe::{train_tokenizer, train_tokenizer_with, DEFAULT_VOCAB_SIZE, EOS_TOKEN};
 pub use judge::{judge, prompt_topic, Judgement};
 
 /// Sizes and seed of a generated data set.
@@ -92,7 +94,7 @@ pub enum Kind {
     Rude,
     /// Discourages the user (sometimes while still giving a tip).
     Negative,
-    /// Polite and on topic, but gives no tip.
+    /// Polite, but gives no tip: a vague on-topic line, or (one in four) a bare pleasantry.
     Unhelpful,
     /// A polite, helpful answer about another topic.
     OffTopic,
@@ -211,27 +213,44 @@ pub struct SynthFiles {
     pub prompts: PathBuf,
 }
 
+/// How the rows of a data set are written: plain text ([`write_all`]) or conversations
+/// ([`chat::write_all`]).
+pub(crate) struct RowFormat {
+    /// An SFT row of a prompt and its completion.
+    pub sft: fn(&str, &str) -> serde_json::Value,
+    /// A preference pair.
+    pub pair: fn(&Pair) -> serde_json::Value,
+    /// A prompt row.
+    pub prompt: fn(&str) -> serde_json::Value,
+}
+
+/// The text rows: `prompt`/`completion`, `prompt`/`chosen`/`rejected`/`kind`, `query`.
+const TEXT_ROWS: RowFormat = RowFormat {
+    sft: |p, c| json!({"prompt": p, "completion": c}),
+    pair: |p| json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "kind": p.kind.as_str()}),
+    prompt: |q| json!({"query": q}),
+};
+
 /// Writes the SFT rows, both pair splits and both prompt splits as JSON Lines under `dir`.
 pub fn write_all(cfg: &SynthConfig, dir: &Path) -> Result<SynthFiles> {
+    write_rows(cfg, dir, &TEXT_ROWS)
+}
+
+/// Writes every list of the data set under `dir` in `format`.
+pub(crate) fn write_rows(cfg: &SynthConfig, dir: &Path, format: &RowFormat) -> Result<SynthFiles> {
     cfg.validate()?;
     let files = SynthFiles {
         sft: dir.join("sft"),
         prefs: dir.join("prefs"),
         prompts: dir.join("prompts"),
     };
-    let sft = sft_rows(cfg)
-        .into_iter()
-        .map(|(p, c)| json!({"prompt": p, "completion": c}));
+    let sft = sft_rows(cfg).into_iter().map(|(p, c)| (format.sft)(&p, &c));
     write_jsonl(&files.sft.join("train.jsonl"), sft)?;
     for (split, name) in [(Split::Train, "train.jsonl"), (Split::Eval, "validation.jsonl")] {
-        let pairs = preference_pairs(cfg, split)
-            .into_iter()
-            .map(|p| json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "kind": p.kind.as_str()}));
+        let pairs = preference_pairs(cfg, split).into_iter().map(|p| (format.pair)(&p));
         write_jsonl(&files.prefs.join(name), pairs)?;
-        write_jsonl(
-            &files.prompts.join(name),
-            prompts(cfg, split).into_iter().map(|q| json!({"query": q})),
-        )?;
+        let rows = prompts(cfg, split).into_iter().map(|q| (format.prompt)(&q));
+        write_jsonl(&files.prompts.join(name), rows)?;
     }
     Ok(files)
 }
@@ -321,9 +340,16 @@ fn bad(rng: &mut RngStream, t: usize, kind: Kind) -> String {
             format!(" {}", fill(template, topic.name, "", pick(rng, &topic.tips)))
         }
         Kind::Unhelpful => {
-            let mut middle = vec![fill(pick(rng, &world::VAGUE_LINES), topic.name, "", "")];
+            let line = rng.below(world::VAGUE_LINES.len());
+            let mut middle = vec![fill(world::VAGUE_LINES[line], topic.name, "", "")];
             if rng.below(2) == 0 {
                 middle.push(pick(rng, &world::FILLERS).to_string());
+            }
+            // One in four is a bare pleasantry ("Sure! Good luck!"): a reward model that never
+            // saw one rates it by its politeness alone, and a policy learns to say nothing
+            // else. Decided from draws already made, so every other row stays the same.
+            if middle.len() == 1 && line < world::VAGUE_LINES.len() / 2 {
+                middle.clear();
             }
             politely(rng, middle)
         }

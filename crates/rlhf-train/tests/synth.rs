@@ -92,7 +92,8 @@ fn the_judge_agrees_with_the_generator_on_every_sample() {
     let mut n = 0;
     for (p, r) in sft_rows(&c) {
         let j = judge(&p, &r);
-        assert!(j.fluent, "{p:?} {r:?}: {j:?}");
+        // A bare pleasantry ("Sure!") is too short to count as fluent.
+        assert!(j.fluent || r.split_whitespace().count() < 3, "{p:?} {r:?}: {j:?}");
         n += 1;
     }
     for split in [Split::Train, Split::Eval] {
@@ -100,11 +101,13 @@ fn the_judge_agrees_with_the_generator_on_every_sample() {
             let good = judge(&pair.prompt, &pair.chosen);
             assert!(good.good, "{pair:?}: {good:?}");
             let bad = judge(&pair.prompt, &pair.rejected);
-            assert!(!bad.good && bad.fluent, "{pair:?}: {bad:?}");
+            let short = pair.kind == Kind::Unhelpful && pair.rejected.split_whitespace().count() < 3;
+            assert!(!bad.good && (bad.fluent || short), "{pair:?}: {bad:?}");
             // The judge also names the generator's reason.
             let reason = match pair.kind {
                 Kind::Rude | Kind::Negative => bad.rude_or_negative,
-                Kind::Unhelpful => bad.polite && bad.on_topic && !bad.helpful && !bad.rude_or_negative,
+                // A bare pleasantry names no topic at all.
+                Kind::Unhelpful => bad.polite && !bad.off_topic && !bad.helpful && !bad.rude_or_negative,
                 Kind::OffTopic => bad.polite && !bad.on_topic && !bad.rude_or_negative,
             };
             assert!(reason, "{pair:?}: {bad:?}");
@@ -274,4 +277,94 @@ fn a_zero_count_is_a_config_error() {
         matches!(&err, TrainError::Config(m) if m.contains("n_pairs_eval")),
         "{err}"
     );
+}
+
+/// The conversational rows of the chat quickstart: the same questions and answers as the text
+/// rows, in TRL's conversational format; rendered with the ChatML template they give the
+/// texts the chat tokenizer was trained on, SFT masks cover the answer and its end of turn,
+/// prompts end with the generation prompt, and every conversation fits 72 tokens.
+#[test]
+fn chat_rows_render_with_the_chatml_template_and_fit_72_tokens() {
+    use rlhf_models::ChatTemplate;
+    use rlhf_train::chat_data::ChatData;
+    use rlhf_train::synth::chat;
+
+    let c = SynthConfig {
+        n_sft: 400,
+        n_pairs_train: 300,
+        n_pairs_eval: 100,
+        n_prompts: 100,
+        ..cfg(0)
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let files = chat::write_all(&c, &tmp.path().join("data")).unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        chat::tokenizer_json(&c, DEFAULT_VOCAB_SIZE).unwrap(),
+    )
+    .unwrap();
+    chat::write_tokenizer_files(&model, 72).unwrap();
+    let tok = Tokenizer::from_dir(&model, &[], None).unwrap();
+    let ids = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!((ids(EOS_TOKEN), ids(chat::IM_START), ids(chat::IM_END)), (0, 1, 2));
+    assert_eq!((tok.eos_token_id, tok.pad_token_id, tok.bos_token_id), (2, 0, None));
+    let template = ChatTemplate::load(&model).unwrap().expect("chat_template.jinja");
+    let data = ChatData::with_template(&tok, Some(&template));
+
+    let sft = read_data(&files.sft.join("train.jsonl")).unwrap();
+    let text_rows = sft_rows(&c);
+    for (i, (prompt, answer)) in text_rows.iter().enumerate() {
+        let ex = data.sft_example(&sft, i, "text", false).unwrap();
+        let question = chat::question(prompt);
+        let whole = format!(
+            "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n",
+            answer.trim_start()
+        );
+        assert_eq!(tok.decode(&ex.input_ids, false).unwrap(), whole);
+        assert!(ex.input_ids.len() <= 72, "row {i}: {} tokens", ex.input_ids.len());
+        let mask = ex.completion_mask.unwrap();
+        let kept: Vec<u32> = ex
+            .input_ids
+            .iter()
+            .zip(&mask)
+            .filter(|(_, &m)| m == 1)
+            .map(|(&t, _)| t)
+            .collect();
+        assert_eq!(
+            tok.decode(&kept, false).unwrap(),
+            format!("{}<|im_end|>\n", answer.trim_start())
+        );
+        // With assistant-only loss, the `{% generation %}` block gives the answer and its end of turn.
+        let masked = data.sft_example(&sft, i, "text", true).unwrap().labels(false);
+        let kept: Vec<u32> = masked.iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
+        assert_eq!(
+            tok.decode(&kept, false).unwrap(),
+            format!("{}<|im_end|>", answer.trim_start())
+        );
+    }
+    for split in ["train", "validation"] {
+        let prefs = read_data(&files.prefs.join(format!("{split}.jsonl"))).unwrap();
+        for i in 0..prefs.len() {
+            let (chosen, rejected) = data.reward_pair(&prefs, i).unwrap();
+            assert!(chosen.len() <= 72 && rejected.len() <= 72, "{split} pair {i}");
+            for ids in [&chosen, &rejected] {
+                assert!(
+                    tok.decode(ids, false).unwrap().ends_with("<|im_end|>\n"),
+                    "{split} pair {i}"
+                );
+            }
+        }
+        let prompts_file = read_data(&files.prompts.join(format!("{split}.jsonl"))).unwrap();
+        let split_prompts = prompts(&c, if split == "train" { Split::Train } else { Split::Eval });
+        for (i, p) in split_prompts.iter().enumerate() {
+            let ids = data.prompt_ids(&prompts_file, i).unwrap();
+            let want = format!(
+                "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                chat::question(p)
+            );
+            assert_eq!(tok.decode(&ids, false).unwrap(), want);
+        }
+    }
 }

@@ -180,7 +180,7 @@ pub fn train(algo: Algorithm, i: &Inputs<'_>) -> anyhow::Result<Trained> {
             let mut cfg = DpoConfig {
                 model_name_or_path: sft,
                 dataset_name: Some(i.prefs_dir.display().to_string()),
-                max_length: Some(64),
+                max_length: Some(p.max_length),
                 peft: lora(),
                 ..DpoConfig::default()
             };

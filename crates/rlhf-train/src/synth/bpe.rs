@@ -22,16 +22,22 @@ pub const EOS_TOKEN: &str = "<|endoftext|>";
 /// 64 tokens (median 37, longest 58 at seed 0); 512 would give a median of 53 and up to 100.
 pub const DEFAULT_VOCAB_SIZE: usize = 1024;
 
-/// Smallest useful vocabulary: the special token and the 256 byte symbols.
-const MIN_VOCAB: usize = 257;
+/// The byte symbols every vocabulary holds besides its special tokens.
+const BYTE_SYMBOLS: usize = 256;
 
 /// Trains a byte-level BPE tokenizer of `vocab_size` tokens (special token included) on
 /// `texts` and returns its `tokenizer.json`. The vocabulary may come out smaller when the
 /// corpus runs out of pairs seen at least twice.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<String> {
-    if !(MIN_VOCAB..=65_536).contains(&vocab_size) {
+    train_tokenizer_with(texts, vocab_size, &[EOS_TOKEN])
+}
+
+/// [`train_tokenizer`] with the special tokens `specials`, ids 0, 1, ... in order.
+pub fn train_tokenizer_with(texts: &[String], vocab_size: usize, specials: &[&str]) -> Result<String> {
+    let min = BYTE_SYMBOLS + specials.len();
+    if !(min..=65_536).contains(&vocab_size) {
         return Err(TrainError::Config(format!(
-            "synth tokenizer: vocab_size {vocab_size} is out of range; hint: use {MIN_VOCAB}..=65536 (e.g. 512)"
+            "synth tokenizer: vocab_size {vocab_size} is out of range; hint: use {min}..=65536 (e.g. 1024)"
         )));
     }
     if texts.is_empty() {
@@ -42,7 +48,7 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<String> {
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
+        .special_tokens(specials.iter().map(|t| AddedToken::from(*t, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut tokenizer =
