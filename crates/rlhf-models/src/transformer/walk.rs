@@ -125,32 +125,16 @@ impl Layer {
     /// The projections of this block with their module names under `pre` (`h.{i}` /
     /// `layers.{i}`): attention q/k/v (or the fused one), output, then the MLP's.
     pub(super) fn projections(&self, pre: &str, names: &crate::family::Names) -> Vec<(String, &Proj)> {
-        let attn = format!("{pre}.{}", names.attn);
-        let mlp = format!("{pre}.{}", names.mlp);
-        let mut out = Vec::with_capacity(7);
-        match (&self.attn.qkv, &names.qkv) {
-            (Qkv::Fused(p), QkvNames::Fused(n)) => out.push((format!("{attn}.{n}"), p)),
-            (Qkv::Split { q, k, v }, QkvNames::Split([qn, kn, vn])) => {
-                out.push((format!("{attn}.{qn}"), q));
-                out.push((format!("{attn}.{kn}"), k));
-                out.push((format!("{attn}.{vn}"), v));
-            }
-            _ => unreachable!("invariant: the family's names match its attention pieces"),
-        }
-        out.push((format!("{attn}.{}", names.o_proj), &self.attn.o_proj));
-        match (&self.mlp, &names.mlp_proj) {
-            (Mlp::Plain { fc_in, fc_out }, MlpNames::Plain([i, o])) => {
-                out.push((format!("{mlp}.{i}"), fc_in));
-                out.push((format!("{mlp}.{o}"), fc_out));
-            }
-            (Mlp::Gated { gate, up, down }, MlpNames::Gated([g, u, d])) => {
-                out.push((format!("{mlp}.{g}"), gate));
-                out.push((format!("{mlp}.{u}"), up));
-                out.push((format!("{mlp}.{d}"), down));
-            }
-            _ => unreachable!("invariant: the family's names match its MLP pieces"),
-        }
-        out
+        let mut refs: Vec<&Proj> = match &self.attn.qkv {
+            Qkv::Fused(p) => vec![p],
+            Qkv::Split { q, k, v } => vec![q, k, v],
+        };
+        refs.push(&self.attn.o_proj);
+        refs.extend(match &self.mlp {
+            Mlp::Plain { fc_in, fc_out } => vec![fc_in, fc_out],
+            Mlp::Gated { gate, up, down } => vec![gate, up, down],
+        });
+        named(pre, names, refs)
     }
 
     pub(super) fn projections_mut(&mut self, pre: &str, names: &crate::family::Names) -> Vec<(String, &mut Proj)> {
@@ -167,30 +151,40 @@ fn projections_mut<'a>(
     pre: &str,
     names: &crate::family::Names,
 ) -> Vec<(String, &'a mut Proj)> {
+    let mut refs: Vec<&mut Proj> = match qkv {
+        Qkv::Fused(p) => vec![p],
+        Qkv::Split { q, k, v } => vec![q, k, v],
+    };
+    refs.push(o_proj);
+    refs.extend(match mlp {
+        Mlp::Plain { fc_in, fc_out } => vec![fc_in, fc_out],
+        Mlp::Gated { gate, up, down } => vec![gate, up, down],
+    });
+    named(pre, names, refs)
+}
+
+/// A block's projections in the walk's order, each with its module name under `pre`.
+fn named<P>(pre: &str, names: &crate::family::Names, projections: Vec<P>) -> Vec<(String, P)> {
     let attn = format!("{pre}.{}", names.attn);
-    let mlp_name = format!("{pre}.{}", names.mlp);
-    let mut out = Vec::with_capacity(7);
-    match (qkv, &names.qkv) {
-        (Qkv::Fused(p), QkvNames::Fused(n)) => out.push((format!("{attn}.{n}"), p)),
-        (Qkv::Split { q, k, v }, QkvNames::Split([qn, kn, vn])) => {
-            out.push((format!("{attn}.{qn}"), q));
-            out.push((format!("{attn}.{kn}"), k));
-            out.push((format!("{attn}.{vn}"), v));
-        }
-        _ => unreachable!("invariant: the family's names match its attention pieces"),
+    let mlp = format!("{pre}.{}", names.mlp);
+    let qkv: &[&str] = match &names.qkv {
+        QkvNames::Fused(n) => std::slice::from_ref(n),
+        QkvNames::Split(n) => n,
+    };
+    let mlp_proj: &[&str] = match &names.mlp_proj {
+        MlpNames::Plain(n) => n,
+        MlpNames::Gated(n) => n,
+    };
+    let module_names: Vec<String> = qkv
+        .iter()
+        .map(|n| format!("{attn}.{n}"))
+        .chain(std::iter::once(format!("{attn}.{}", names.o_proj)))
+        .chain(mlp_proj.iter().map(|n| format!("{mlp}.{n}")))
+        .collect();
+    // Fused and split attention, plain and gated MLPs give 4, 5, 6 or 7 projections, so the
+    // counts agree exactly when the family's names match its pieces.
+    if module_names.len() != projections.len() {
+        unreachable!("invariant: the family's names match its attention and MLP pieces");
     }
-    out.push((format!("{attn}.{}", names.o_proj), o_proj));
-    match (mlp, &names.mlp_proj) {
-        (Mlp::Plain { fc_in, fc_out }, MlpNames::Plain([i, o])) => {
-            out.push((format!("{mlp_name}.{i}"), fc_in));
-            out.push((format!("{mlp_name}.{o}"), fc_out));
-        }
-        (Mlp::Gated { gate, up, down }, MlpNames::Gated([g, u, d])) => {
-            out.push((format!("{mlp_name}.{g}"), gate));
-            out.push((format!("{mlp_name}.{u}"), up));
-            out.push((format!("{mlp_name}.{d}"), down));
-        }
-        _ => unreachable!("invariant: the family's names match its MLP pieces"),
-    }
-    out
+    module_names.into_iter().zip(projections).collect()
 }
