@@ -158,7 +158,7 @@ impl PackedMatrix {
             }
             return Ok(());
         }
-        let tiles = row_tiles(m);
+        let tiles = row_tiles(m, kernel.max_rows());
         let packed_a = self.pack_a(a, &tiles);
         let panels = self.n.div_ceil(NR);
         let run = |q0: usize, q1: usize, c: SharedC| {
@@ -236,7 +236,7 @@ impl PackedMatrix {
             for s0 in (0..steps).step_by(KB) {
                 let len = KB.min(steps - s0);
                 let mut a_off = 0;
-                for &(i0, r) in tiles {
+                for (ti, &(i0, r)) in tiles.iter().enumerate() {
                     let tile = Tile {
                         a: a[a_off + s0 * r..].as_ptr(),
                         b: panel[s0 * NR..].as_ptr(),
@@ -247,7 +247,7 @@ impl PackedMatrix {
                         steps: len,
                         add: accumulate || s0 > 0,
                     };
-                    kernel.run(tile);
+                    kernel.run(tile, (ti, tiles.len()));
                     a_off += r * steps;
                 }
             }
@@ -255,10 +255,10 @@ impl PackedMatrix {
     }
 }
 
-/// Row tiles `(first row, rows)` of at most [`MR`] rows, as even as possible (16 rows are two
-/// tiles of 8, not 14 and 2).
-fn row_tiles(m: usize) -> Vec<(usize, usize)> {
-    let count = m.div_ceil(MR);
+/// Row tiles `(first row, rows)` of at most `max` rows, as even as possible (16 rows in
+/// tiles of at most 14 are two tiles of 8, not 14 and 2).
+fn row_tiles(m: usize, max: usize) -> Vec<(usize, usize)> {
+    let count = m.div_ceil(max);
     let (base, extra) = (m / count, m % count);
     let mut i0 = 0;
     (0..count)
@@ -422,16 +422,29 @@ impl Kernel {
         }
     }
 
+    /// Rows per register tile at most.
+    fn max_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2FmaF32 => avx2::MAX_ROWS,
+            _ => MR,
+        }
+    }
+
+    /// `tile`: this tile's index and the number of row tiles over this block of steps
+    /// (the AVX2 kernel spreads the prefetch of the next block over them).
+    ///
     /// # Safety
-    /// The tile's pointers address what [`Tile`] says; the kernel's features were detected.
-    unsafe fn run(self, t: Tile) {
+    /// The tile's pointers address what [`Tile`] says and it has at most
+    /// [`Kernel::max_rows`] rows; the kernel's features were detected.
+    unsafe fn run(self, t: Tile, tile: (usize, usize)) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512F32 => avx512::tile_f32(t),
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Bf16 => avx512::tile_bf16(t),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2FmaF32 => avx2::tile_f32(t),
+            Self::Avx2FmaF32 => avx2::tile_f32(t, tile),
             Self::PortableF32 => portable_tile(t, fused_step),
             Self::PortableBf16 => portable_tile(t, |acc, a, b| {
                 let (a0, a1) = (f32::from_bits(a << 16), f32::from_bits(a & 0xFFFF_0000));

@@ -179,8 +179,8 @@ fn branchless_rounding_equals_to_bf16_bits() {
 }
 
 /// The AVX2 tile (used where AVX-512 is missing) against the portable loop, bit for bit:
-/// every row count of a tile (1 to 14: groups of 3, then 2 or 1), a ragged last panel,
-/// several `k` blocks, and accumulation into C.
+/// every row count of a tile (1 to 6) and splits into several tiles, a ragged last panel
+/// narrower and wider than one 16-column half, several `k` blocks, and accumulation into C.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn the_avx2_tile_equals_the_portable_loop_bit_for_bit() {
@@ -188,10 +188,16 @@ fn the_avx2_tile_equals_the_portable_loop_bit_for_bit() {
         eprintln!("SKIPPED: this CPU has no AVX2 + FMA");
         return;
     }
-    let (k, n) = (300, 100);
+    for n in [100, 120] {
+        avx2_against_portable(300, n);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_against_portable(k: usize, n: usize) {
     let b = random(k * n, 21);
     let p = PackedMatrix::new(MatRef::row_major(&b, n), k, n, PackedFormat::F32).unwrap();
-    for m in [1, 2, 3, 4, 5, 7, 13, 14, 15, 29] {
+    for m in [1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 16, 29] {
         let a = random(m * k, 22 + m as u64);
         for accumulate in [false, true] {
             let start = random(m * n, 5);
@@ -201,7 +207,7 @@ fn the_avx2_tile_equals_the_portable_loop_bit_for_bit() {
             p.matmul_with(Kernel::PortableF32, MatRef::row_major(&a, k), m, &mut slow, accumulate)
                 .unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&fast), bits(&slow), "m {m}, accumulate {accumulate}");
+            assert_eq!(bits(&fast), bits(&slow), "m {m}, n {n}, accumulate {accumulate}");
         }
     }
 }
