@@ -271,16 +271,28 @@ impl<'a> ChatData<'a> {
     /// Prompt ids for generation (GRPO, RLOO, PPO): the `prompt` column (or `query` for text)
     /// rendered with the generation prompt.
     pub fn prompt_ids(&self, rows: &Rows, idx: usize) -> Result<Vec<u32>> {
-        self.conversational(rows, idx)?;
         let col = if rows.has(idx, "prompt") || !rows.has(idx, "query") {
             "prompt"
         } else {
             "query"
         };
+        self.prompt_ids_in(rows, idx, col)
+    }
+
+    /// Prompt ids for generation from column `col`: text tokenised with the tokenizer's
+    /// special tokens (Llama 3: BOS first), as TRL does, or messages rendered with the chat
+    /// template, the generation prompt and the row's `chat_template_kwargs` and `tools`.
+    pub fn prompt_ids_in(&self, rows: &Rows, idx: usize, col: &str) -> Result<Vec<u32>> {
+        self.conversational(rows, idx)?;
         match self.field(rows, idx, col)? {
             Field::Messages(m) => self.encode(rows, idx, &m, &self.options(rows, idx, true)?),
             Field::Text(t) => self.tokenize(rows, idx, &t),
         }
+    }
+
+    /// [`ChatData::prompt_ids_in`] of every row.
+    pub fn prompt_set_ids(&self, rows: &Rows, col: &str) -> Result<Vec<Vec<u32>>> {
+        (0..rows.len()).map(|i| self.prompt_ids_in(rows, i, col)).collect()
     }
 
     /// The column as text or messages, with the row named in errors.

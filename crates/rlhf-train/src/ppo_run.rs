@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat_data::ChatData;
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
-use crate::data::read_data;
+use crate::data::{prompt_rows, read_data};
 use crate::error::{Result, TrainError};
 use crate::peft_args::{load_trainable, save_trained, PeftArgs};
 use crate::ppo::{log_stats, PpoState, PpoTrainer};
@@ -155,20 +155,22 @@ impl Query {
     }
 }
 
-/// Prompts with their ids: `query` (or `prompt`) text tokenised with the tokenizer's special
-/// tokens, or a conversation rendered with the model's chat template and the generation
-/// prompt ([`ChatData::prompt_ids`]).
+/// Prompts with their ids, from the same column the online trainers read (`prompt` if the
+/// first row has one, else `query`; [`prompt_rows`]): text tokenised with the tokenizer's
+/// special tokens, or a conversation rendered with the model's chat template and the
+/// generation prompt ([`ChatData::prompt_ids_in`]).
 pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<Query>> {
     let rows = read_data(path)?;
+    let set = prompt_rows(rows.clone())?;
     let tok = model.tokenizer()?;
-    let data = ChatData::with_template(tok, model.chat_template.as_ref());
-    let col = if rows.has(0, "query") { "query" } else { "prompt" };
-    (0..rows.len())
-        .map(|i| {
-            let ids = data.prompt_ids(&rows, i)?;
-            Ok(match data.field(&rows, i, col)? {
-                crate::chat_data::Field::Text(text) => Query::text(text, ids),
-                crate::chat_data::Field::Messages(m) => Query {
+    let ids = ChatData::with_template(tok, model.chat_template.as_ref()).prompt_set_ids(&rows, &set.prompt_column)?;
+    set.rows
+        .into_iter()
+        .zip(ids)
+        .map(|(row, ids)| {
+            Ok(match row.conversation {
+                None => Query::text(row.prompt, ids),
+                Some(m) => Query {
                     text: tok.decode(&ids, true)?,
                     ids,
                     conversation: Some(m),

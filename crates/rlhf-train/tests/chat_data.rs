@@ -255,3 +255,34 @@ fn bad_conversational_rows_are_errors_naming_the_row_and_column() {
     let err = no_template.prompt_ids(&one_row(&row), 0).unwrap_err().to_string();
     assert!(err.contains("no chat template") && err.contains("hint:"), "{err}");
 }
+
+/// PPO and the online trainers read prompts by one rule: the `prompt` column when the first
+/// row has one (else `query`), text and ids from the same column, a conversation rendered
+/// with the row's `chat_template_kwargs`. Before, PPO took its text from `query` and its ids
+/// from `prompt` when a file had both.
+#[test]
+fn ppo_prompts_take_text_and_ids_from_the_column_the_online_trainers_read() {
+    let dir = families().join("tiny-qwen2");
+    let model = rlhf_models::Model::load(&dir, &rlhf_models::LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("prompts.jsonl");
+    let rows = [
+        serde_json::json!({"query": "Old text", "prompt": "New text"}),
+        serde_json::json!({"query": "Old", "prompt": [{"role": "user", "content": "Hello"}]}),
+    ];
+    let text: Vec<String> = rows.iter().map(Value::to_string).collect();
+    std::fs::write(&path, text.join("\n")).unwrap();
+    let queries = rlhf_train::ppo_run::prompt_ids(&model, &path).unwrap();
+    let tok = model.tokenizer().unwrap();
+    assert_eq!(queries[0].text, "New text");
+    assert_eq!(queries[0].ids, tok.encode_special("New text", true).unwrap());
+    let data = ChatData::with_template(tok, model.chat_template.as_ref());
+    let all = Rows {
+        path: path.clone(),
+        rows: rows.iter().map(|r| r.as_object().unwrap().clone()).collect(),
+    };
+    let want = data.prompt_set_ids(&all, "prompt").unwrap();
+    assert_eq!(queries[1].ids, want[1]);
+    assert!(queries[1].conversation.is_some());
+    assert!(queries[1].text.ends_with("assistant\n"), "{:?}", queries[1].text);
+}

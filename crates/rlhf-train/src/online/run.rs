@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::buffer::Buffer;
 use super::rollout::{completion_streams, gather_table, generate, score, Rollout, Sampler};
 use super::{pool_metrics, MetricLog, Pool, Reference};
+use crate::chat_data::ChatData;
 use crate::checkpoint::write_atomic;
 use crate::config_values::setting_of;
-use crate::data::{read_prompt_rows, PromptRow, PromptSet};
+use crate::data::{prompt_rows, read_data, PromptRow, PromptSet};
 use crate::error::{Result, TrainError};
 use crate::grpo_config::GrpoPlan;
 use crate::online_config::{OnlineArgs, OnlinePlan, ReferenceModel};
@@ -153,35 +154,15 @@ struct Prompts {
     ids: Vec<Vec<u32>>,
 }
 
+/// The prompts of `path` and their generation ids (as PPO's, [`ChatData::prompt_ids_in`]),
+/// each with room for `max_completion_length` new tokens.
 fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) -> Result<Prompts> {
-    let set = read_prompt_rows(path)?;
+    let rows = read_data(path)?;
+    let set = prompt_rows(rows.clone())?;
     let tok = model.tokenizer()?;
+    let ids = ChatData::with_template(tok, model.chat_template.as_ref()).prompt_set_ids(&rows, &set.prompt_column)?;
     let n_pos = model.cfg().max_position_embeddings;
-    let mut ids = Vec::with_capacity(set.rows.len());
-    let render = rlhf_models::RenderOptions::generation_prompt(true);
-    for (i, r) in set.rows.iter().enumerate() {
-        // TRL tokenizes text prompts with the tokenizer's special tokens (Llama 3: BOS
-        // first) and renders conversations with the chat template and the generation prompt.
-        let p = match &r.conversation {
-            None => tok.encode_special(&r.prompt, true)?,
-            Some(msgs) => {
-                let template = model.chat_template.as_ref().ok_or_else(|| TrainError::Row {
-                    path: set.path.clone(),
-                    row: i + 1,
-                    msg: "the prompt is a conversation but the model has no chat template\n\
-                          hint: use a model with a chat template (an instruct checkpoint) or give the prompt as text"
-                        .into(),
-                })?;
-                template
-                    .encode(tok, msgs, &render)
-                    .map_err(|e| TrainError::Row {
-                        path: set.path.clone(),
-                        row: i + 1,
-                        msg: e.to_string(),
-                    })?
-                    .ids
-            }
-        };
+    for (i, p) in ids.iter().enumerate() {
         if p.is_empty() || p.len() + max_completion_length > n_pos {
             return Err(TrainError::Row {
                 path: set.path.clone(),
@@ -193,7 +174,6 @@ fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) ->
                 ),
             });
         }
-        ids.push(p);
     }
     Ok(Prompts { set, ids })
 }
