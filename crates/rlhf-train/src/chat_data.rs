@@ -27,11 +27,13 @@
 //! it (an error says so). GRPO reads only the trainer's `chat_template_kwargs`; here a row's own
 //! `chat_template_kwargs` also apply (they win), as in the other trainers.
 
+use std::path::Path;
+
 use rlhf_models::chat::{looks_conversational, messages_from_json, Message, RenderOptions};
-use rlhf_models::{ChatTemplate, Tokenizer};
+use rlhf_models::{ChatTemplate, Model, Tokenizer};
 use serde_json::{Map, Value};
 
-use crate::data::Rows;
+use crate::data::{prompt_rows, read_data, PromptSet, Rows};
 use crate::error::{Result, TrainError};
 
 /// The columns TRL's `is_conversational` looks at.
@@ -435,6 +437,17 @@ impl<'a> ChatData<'a> {
             .eos_token()
             .ok_or_else(|| row_err(rows, idx, "the tokenizer has no EOS token to append to text rows"))
     }
+}
+
+/// The prompts of a data file ([`prompt_rows`]: the `prompt` column if the first row has
+/// one, else `query`) and their generation ids for `model` ([`ChatData::prompt_ids_in`]):
+/// what PPO, GRPO and RLOO generate from.
+pub fn read_prompts_for(model: &Model, path: &Path) -> Result<(PromptSet, Vec<Vec<u32>>)> {
+    let rows = read_data(path)?;
+    let set = prompt_rows(rows.clone())?;
+    let data = ChatData::with_template(model.tokenizer()?, model.chat_template.as_ref());
+    let ids = data.prompt_set_ids(&rows, &set.prompt_column)?;
+    Ok((set, ids))
 }
 
 fn row_err(rows: &Rows, idx: usize, msg: &str) -> TrainError {

@@ -13,9 +13,9 @@ use rlhf_models::{GenerationConfig, LoadOptions, Model};
 use rlhf_ops::rng::RngStream;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_data::ChatData;
+use crate::chat_data::read_prompts_for;
 use crate::checkpoint::{load_tensors, save_tensors, write_atomic, RunDir};
-use crate::data::{prompt_rows, read_data};
+use crate::data::read_data;
 use crate::error::{Result, TrainError};
 use crate::peft_args::{load_trainable, save_trained, PeftArgs};
 use crate::ppo::{log_stats, PpoState, PpoTrainer};
@@ -155,15 +155,12 @@ impl Query {
     }
 }
 
-/// Prompts with their ids, from the same column the online trainers read (`prompt` if the
-/// first row has one, else `query`; [`prompt_rows`]): text tokenised with the tokenizer's
-/// special tokens, or a conversation rendered with the model's chat template and the
-/// generation prompt ([`ChatData::prompt_ids_in`]).
+/// Prompts with their ids, read as the online trainers read them ([`read_prompts_for`]): text
+/// tokenised with the tokenizer's special tokens, or a conversation rendered with the model's
+/// chat template and the generation prompt.
 pub fn prompt_ids(model: &Model, path: &Path) -> Result<Vec<Query>> {
-    let rows = read_data(path)?;
-    let set = prompt_rows(rows.clone())?;
+    let (set, ids) = read_prompts_for(model, path)?;
     let tok = model.tokenizer()?;
-    let ids = ChatData::with_template(tok, model.chat_template.as_ref()).prompt_set_ids(&rows, &set.prompt_column)?;
     set.rows
         .into_iter()
         .zip(ids)

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::buffer::Buffer;
 use super::rollout::{completion_streams, gather_table, generate, score, Rollout, Sampler};
 use super::{pool_metrics, MetricLog, Pool, Reference};
-use crate::chat_data::ChatData;
+use crate::chat_data::read_prompts_for;
 use crate::checkpoint::write_atomic;
 use crate::config_values::setting_of;
-use crate::data::{prompt_rows, read_data, PromptRow, PromptSet};
+use crate::data::{PromptRow, PromptSet};
 use crate::error::{Result, TrainError};
 use crate::grpo_config::GrpoPlan;
 use crate::online_config::{OnlineArgs, OnlinePlan, ReferenceModel};
@@ -154,13 +154,9 @@ struct Prompts {
     ids: Vec<Vec<u32>>,
 }
 
-/// The prompts of `path` and their generation ids (as PPO's, [`ChatData::prompt_ids_in`]),
-/// each with room for `max_completion_length` new tokens.
+/// The prompts of `path` and their generation ids ([`read_prompts_for`]), each with room for `max_completion_length` new tokens.
 fn tokenize_prompts(model: &Model, path: &Path, max_completion_length: usize) -> Result<Prompts> {
-    let rows = read_data(path)?;
-    let set = prompt_rows(rows.clone())?;
-    let tok = model.tokenizer()?;
-    let ids = ChatData::with_template(tok, model.chat_template.as_ref()).prompt_set_ids(&rows, &set.prompt_column)?;
+    let (set, ids) = read_prompts_for(model, path)?;
     let n_pos = model.cfg().max_position_embeddings;
     for (i, p) in ids.iter().enumerate() {
         if p.is_empty() || p.len() + max_completion_length > n_pos {
