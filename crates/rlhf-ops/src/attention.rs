@@ -88,6 +88,7 @@ impl PackedAttention {
             scale: self.scale,
             window: None,
             keep: self.keep.clone(),
+            prefixes: Vec::new(),
         }
     }
 }

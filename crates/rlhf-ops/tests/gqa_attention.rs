@@ -34,6 +34,7 @@ fn config(
                 rng.uniform_vec(k)
             }))
         }),
+        prefixes: Vec::new(),
     }
 }
 
@@ -130,6 +131,7 @@ fn gpt2_packed_entry_equals_the_general_op_on_its_thirds() {
         scale: 0.3,
         window: None,
         keep: Some(keep),
+        prefixes: Vec::new(),
     };
     let x = random(&[19, 3 * h], 1.5, 40);
     let (a, ga) = value_and_grads(std::slice::from_ref(&x), &|t| {

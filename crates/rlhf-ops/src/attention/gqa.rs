@@ -36,6 +36,13 @@ pub struct AttentionConfig {
     /// square of keep factors (`0` or `1/(1−p)`), concatenated in sequence order then head
     /// order (see [`AttentionConfig::dropout_keep`]). `None`: no dropout.
     pub keep: Option<Arc<Vec<f32>>>,
+    /// Shared prefixes: empty (none), or one entry per sequence. `Some((j, l))` makes
+    /// sequence `i` the continuation of the first `l` tokens of an earlier sequence `j < i`
+    /// (which may continue another in turn): its keys are those tokens' rows (positions
+    /// `0..l`) then its own rows (positions `l..l + lens[i]`), so a prefix that sequences
+    /// have in common is computed once. The window counts those positions. Not with
+    /// dropout.
+    pub prefixes: Vec<Option<(usize, usize)>>,
 }
 
 impl AttentionConfig {
@@ -80,28 +87,50 @@ impl AttentionConfig {
                 candle_core::bail!("attention: {} dropout factors, expected {want}", k.len())
             }
         }
+        self.check_prefixes()?;
         Ok(self.lens.iter().sum())
     }
 
-    /// The task of query head `head` of the sequence at rows `r0..r0+t`.
-    #[allow(clippy::too_many_arguments)]
-    fn task<'a>(
-        &'a self,
-        q: Rows<'a>,
-        k: Rows<'a>,
-        v: Rows<'a>,
-        r0: usize,
-        t: usize,
-        head: usize,
-        keep0: usize,
-    ) -> Task<'a> {
+    /// Validates [`AttentionConfig::prefixes`].
+    fn check_prefixes(&self) -> candle_core::Result<()> {
+        if self.prefixes.is_empty() {
+            return Ok(());
+        }
+        let n = self.lens.len();
+        if self.prefixes.len() != n {
+            candle_core::bail!("attention: {} prefix entries for {n} sequences", self.prefixes.len())
+        }
+        if self.keep.is_some() && self.prefixes.iter().any(Option::is_some) {
+            candle_core::bail!("attention: shared prefixes with dropout (hint: share prefixes in eval mode only)")
+        }
+        // Tokens of each sequence in full: its prefix and its own.
+        let mut full = Vec::with_capacity(n);
+        for (i, p) in self.prefixes.iter().enumerate() {
+            let l = match *p {
+                Some((j, l)) if j >= i || l > full[j] => candle_core::bail!(
+                    "attention: sequence {i} continues {l} tokens of sequence {j}, which must be \
+                     an earlier sequence of at least {l} tokens"
+                ),
+                Some((_, l)) => l,
+                None => 0,
+            };
+            full.push(l + self.lens[i]);
+        }
+        Ok(())
+    }
+
+    /// The task of query head `head` of sequence `s`.
+    fn task<'a>(&'a self, q: Rows<'a>, k: Rows<'a>, v: Rows<'a>, s: &'a Seq, head: usize) -> Task<'a> {
         let d = self.head_dim;
+        let (r0, t, keep0) = (s.r0, s.t, s.keep0);
         Task {
             q,
             k,
             v,
             r0,
             t,
+            prefix: &s.prefix,
+            l: s.prefix.len(),
             qc: head * d,
             kc: (head / self.n_rep()) * d,
             d,
@@ -114,41 +143,52 @@ impl AttentionConfig {
         }
     }
 
-    /// Every sequence: `(first row, length, offset of its keep factors)`.
-    fn seqs(&self) -> Vec<(usize, usize, usize)> {
+    /// Every sequence's rows, prefix and keep factors (prefixes valid: [`Self::check`]).
+    fn seqs(&self) -> Vec<Seq> {
         let (mut row, mut keep) = (0, 0);
-        self.lens
-            .iter()
-            .map(|&t| {
-                let s = (row, t, keep);
-                row += t;
-                keep += self.n_head * t * t;
-                s
-            })
-            .collect()
+        let mut out: Vec<Seq> = Vec::with_capacity(self.lens.len());
+        for (i, &t) in self.lens.iter().enumerate() {
+            // The rows of sequence j's first l tokens: its prefix's, then its own.
+            let prefix = match self.prefixes.get(i).copied().flatten() {
+                Some((j, l)) => {
+                    let s = &out[j];
+                    s.prefix.iter().copied().chain(s.r0..s.r0 + s.t).take(l).collect()
+                }
+                None => Vec::new(),
+            };
+            out.push(Seq {
+                r0: row,
+                t,
+                prefix,
+                keep0: keep,
+            });
+            row += t;
+            keep += self.n_head * t * t;
+        }
+        out
     }
 
     /// The forward: `(N, n_head·d)` row-major.
     pub(super) fn forward(&self, q: Rows, k: Rows, v: Rows, n: usize) -> Vec<f32> {
         let d = self.head_dim;
         let (wq, _) = self.widths();
-        let specs: Vec<(usize, usize, usize, usize)> = self
-            .seqs()
-            .into_iter()
-            .flat_map(|(r0, t, k0)| (0..self.n_head).map(move |h| (r0, t, h, k0)))
+        let seqs = self.seqs();
+        let specs: Vec<(&Seq, usize)> = seqs
+            .iter()
+            .flat_map(|s| (0..self.n_head).map(move |h| (s, h)))
             .collect();
         let parts: Vec<Vec<f32>> = specs
             .par_iter()
-            .map(|&(r0, t, h, k0)| {
-                let mut o = vec![0f32; t * d];
-                fwd_task(&self.task(q, k, v, r0, t, h, k0), &mut o);
+            .map(|&(s, h)| {
+                let mut o = vec![0f32; s.t * d];
+                fwd_task(&self.task(q, k, v, s, h), &mut o);
                 o
             })
             .collect();
         let mut out = vec![0f32; n * wq];
-        for (&(r0, t, h, _), o) in specs.iter().zip(&parts) {
-            for i in 0..t {
-                let dst = (r0 + i) * wq + h * d;
+        for (&(s, h), o) in specs.iter().zip(&parts) {
+            for i in 0..s.t {
+                let dst = (s.r0 + i) * wq + h * d;
                 out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
             }
         }
@@ -163,41 +203,62 @@ impl AttentionConfig {
         let (wq, wkv) = self.widths();
         let rep = self.n_rep();
         // One task per (sequence, kv head): its query heads share dk and dv.
-        let specs: Vec<(usize, usize, usize, usize)> = self
-            .seqs()
-            .into_iter()
-            .flat_map(|(r0, t, k0)| (0..self.n_kv_head).map(move |kvh| (r0, t, kvh, k0)))
+        let seqs = self.seqs();
+        let specs: Vec<(&Seq, usize)> = seqs
+            .iter()
+            .flat_map(|s| (0..self.n_kv_head).map(move |kvh| (s, kvh)))
             .collect();
         let parts: Vec<Vec<f32>> = specs
             .par_iter()
-            .map(|&(r0, t, kvh, k0)| {
-                // [dq of each of the `rep` query heads | dk | dv], `t × d` each.
-                let mut buf = vec![0f32; (rep + 2) * t * d];
+            .map(|&(s, kvh)| {
+                // [dq of each of the `rep` query heads (`t × d`) | dk | dv (`(l + t) × d`)].
+                let (t, keys) = (s.t, s.prefix.len() + s.t);
+                let mut buf = vec![0f32; (rep * t + 2 * keys) * d];
                 let (dqs, dkv) = buf.split_at_mut(rep * t * d);
-                let (dk, dv) = dkv.split_at_mut(t * d);
+                let (dk, dv) = dkv.split_at_mut(keys * d);
                 for (r, dq) in dqs.chunks_exact_mut(t * d).enumerate() {
-                    bwd_task(&self.task(q, k, v, r0, t, kvh * rep + r, k0), g, dq, dk, dv);
+                    bwd_task(&self.task(q, k, v, s, kvh * rep + r), g, dq, dk, dv);
                 }
                 buf
             })
             .collect();
         let w = wq + 2 * wkv;
         let mut out = vec![0f32; n * w];
-        for (&(r0, t, kvh, _), buf) in specs.iter().zip(&parts) {
-            // (column of the block, block index in `buf`) for every block of this task.
-            let blocks = (0..rep)
-                .map(|r| ((kvh * rep + r) * d, r))
-                .chain([(wq + kvh * d, rep), (wq + wkv + kvh * d, rep + 1)]);
-            for (col, b) in blocks {
+        for (&(s, kvh), buf) in specs.iter().zip(&parts) {
+            let (t, l) = (s.t, s.prefix.len());
+            let keys = l + t;
+            for r in 0..rep {
+                let col = (kvh * rep + r) * d;
                 for i in 0..t {
-                    let dst = (r0 + i) * w + col;
-                    let src = (b * t + i) * d;
+                    let dst = (s.r0 + i) * w + col;
+                    let src = (r * t + i) * d;
                     out[dst..dst + d].copy_from_slice(&buf[src..src + d]);
+                }
+            }
+            // dk and dv are sums: a prefix's rows also gather its continuations' terms.
+            let (dk, dv) = buf[rep * t * d..].split_at(keys * d);
+            for (col, part) in [(wq + kvh * d, dk), (wq + wkv + kvh * d, dv)] {
+                for j in 0..keys {
+                    let row = if j < l { s.prefix[j] } else { s.r0 + (j - l) };
+                    let dst = row * w + col;
+                    out[dst..dst + d]
+                        .iter_mut()
+                        .zip(&part[j * d..(j + 1) * d])
+                        .for_each(|(o, x)| *o += x);
                 }
             }
         }
         out
     }
+}
+
+/// One sequence of a call: rows `r0..r0 + t`, the rows of its shared prefix's keys (empty
+/// for none) and the offset of its dropout factors.
+struct Seq {
+    r0: usize,
+    t: usize,
+    prefix: Vec<usize>,
+    keep0: usize,
 }
 
 /// The rows of a rank-2 f32 CPU tensor whose rows may be strided (a `narrow` of a wider
@@ -267,21 +328,32 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionCon
             v.dims()
         )
     }
-    let (mut outs, mut row, mut k0) = (Vec::new(), 0, 0);
-    for &t in &cfg.lens {
+    let seqs = cfg.seqs();
+    let (mut outs, mut k0) = (Vec::new(), 0);
+    for s in &seqs {
+        let (row, t, l) = (s.r0, s.t, s.prefix.len());
         if t == 0 {
             continue;
         }
-        let heads = |x: &Tensor, h: usize| -> candle_core::Result<Tensor> {
-            x.narrow(0, row, t)?.reshape((t, h, d))?.transpose(0, 1)?.contiguous()
+        // Rows of the sequence's keys: the shared prefix's, then its own.
+        let key_rows: Vec<u32> = s.prefix.iter().copied().chain(row..row + t).map(|r| r as u32).collect();
+        let key_rows = Tensor::from_vec(key_rows, l + t, q.device())?;
+        let keys = |x: &Tensor| match l {
+            0 => x.narrow(0, row, t),
+            _ => x.contiguous()?.index_select(&key_rows, 0),
         };
-        let qh = heads(q, nh)?;
-        let kh = repeat_kv(&heads(k, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
-        let vh = repeat_kv(&heads(v, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
+        let heads = |x: Tensor, h: usize| -> candle_core::Result<Tensor> {
+            let n = x.dim(0)?;
+            x.reshape((n, h, d))?.transpose(0, 1)?.contiguous()
+        };
+        let qh = heads(q.narrow(0, row, t)?, nh)?;
+        let kh = repeat_kv(&heads(keys(k)?, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
+        let vh = repeat_kv(&heads(keys(v)?, nkv)?.unsqueeze(0)?, cfg.n_rep())?.squeeze(0)?;
         let s = (qh.matmul(&kh.t()?)? * cfg.scale as f64)?;
         // Softmax in f32 as transformers (f64 stays f64 for the finite-difference tests).
+        // Queries at positions `l..l + t` over keys `0..l + t`.
         let sdt = crate::nn::compute_dtype(q.dtype());
-        let bias = causal_window_padding_bias(&[vec![1; t]], t, cfg.window, q.device())?
+        let bias = causal_window_padding_bias(&[vec![1; l + t]], t, cfg.window, q.device())?
             .squeeze(0)?
             .to_dtype(sdt)?;
         let p = softmax_last_dim_composed(&s.to_dtype(sdt)?.broadcast_add(&bias)?)?;
@@ -292,7 +364,6 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionCon
         }
         k0 += nh * t * t;
         outs.push(p.matmul(&vh)?.transpose(0, 1)?.reshape((t, wq))?);
-        row += t;
     }
     if outs.is_empty() {
         return Tensor::zeros((0, wq), q.dtype(), q.device());

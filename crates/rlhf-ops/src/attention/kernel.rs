@@ -68,19 +68,27 @@ fn probs_row<'a>(q: &[f32], k_rows: impl Fn(usize) -> &'a [f32], j0: usize, i: u
 
 /// One query head of one sequence: rows `r0..r0+t` of q, k, v; the query head's columns
 /// from `qc`, its kv head's from `kc` (width `d` each).
+///
+/// With a shared prefix of `l` tokens the sequence's keys are the rows `prefix` (where
+/// other sequences computed those tokens) followed by its own `t`: key index `j` counts over
+/// those `l + t` keys, and query `i` (its own row `r0 + i`) sits at key index `l + i`.
 pub(super) struct Task<'a> {
     pub q: Rows<'a>,
     pub k: Rows<'a>,
     pub v: Rows<'a>,
     pub r0: usize,
     pub t: usize,
+    /// Rows of the shared prefix's keys (empty: none).
+    pub prefix: &'a [usize],
+    /// `prefix.len()`.
+    pub l: usize,
     pub qc: usize,
     pub kc: usize,
     pub d: usize,
     pub scale: f32,
     /// Keys per query (the sliding window), `usize::MAX` for none.
     pub window: usize,
-    /// The task's `t × t` dropout keep factors.
+    /// The task's `t × t` dropout keep factors (only without a prefix).
     pub keep: Option<&'a [f32]>,
 }
 
@@ -90,14 +98,24 @@ impl<'a> Task<'a> {
         self.q.row(self.r0 + i, self.qc, self.d)
     }
 
+    /// The row of key index `j` (see [`Task`]).
+    #[inline(always)]
+    fn key_row(&self, j: usize) -> usize {
+        if j < self.l {
+            self.prefix[j]
+        } else {
+            self.r0 + (j - self.l)
+        }
+    }
+
     #[inline(always)]
     fn k(&self, j: usize) -> &'a [f32] {
-        self.k.row(self.r0 + j, self.kc, self.d)
+        self.k.row(self.key_row(j), self.kc, self.d)
     }
 
     #[inline(always)]
     fn v(&self, j: usize) -> &'a [f32] {
-        self.v.row(self.r0 + j, self.kc, self.d)
+        self.v.row(self.key_row(j), self.kc, self.d)
     }
 
     /// The first key query `i` sees: transformers' `kv_idx > q_idx − window`.
@@ -110,14 +128,16 @@ impl<'a> Task<'a> {
 /// Forward of one task into `o` (`t × d`).
 #[inline(always)]
 fn fwd_task_imp(task: &Task, o: &mut [f32]) {
-    let (t, d) = (task.t, task.d);
-    let mut p = vec![0f32; t];
+    let (t, d, l) = (task.t, task.d, task.l);
+    let mut p = vec![0f32; l + t];
     for i in 0..t {
-        let j0 = task.first_key(i);
-        probs_row(task.q(i), |j| task.k(j), j0, i, task.scale, &mut p);
+        // Query `i` at key index `qi`; `keep` exists only without a prefix (`qi == i`).
+        let qi = l + i;
+        let j0 = task.first_key(qi);
+        probs_row(task.q(i), |j| task.k(j), j0, qi, task.scale, &mut p);
         let out = &mut o[i * d..(i + 1) * d];
         out.iter_mut().for_each(|x| *x = 0.0);
-        for j in j0..=i {
+        for j in j0..=qi {
             let pj = match task.keep {
                 Some(kp) => p[j] * kp[i * t + j],
                 None => p[j],
@@ -133,31 +153,32 @@ dispatched! {
 }
 
 /// Backward of one task: from `g` (the output gradient; the query head's columns from
-/// `task.qc`), writes `dq` and adds to `dk`, `dv` (each `t × d`; several query heads share
-/// one kv head, so the caller zeroes `dk`, `dv` once per kv head).
+/// `task.qc`), writes `dq` (`t × d`) and adds to `dk`, `dv` (`(l + t) × d`, by key index;
+/// several query heads share one kv head, so the caller zeroes `dk`, `dv` once per kv head).
 #[inline(always)]
 fn bwd_task_imp(task: &Task, g: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-    let (t, d) = (task.t, task.d);
+    let (t, d, l) = (task.t, task.d, task.l);
     dq.iter_mut().for_each(|x| *x = 0.0);
-    let (mut p, mut dp) = (vec![0f32; t], vec![0f32; t]);
+    let (mut p, mut dp) = (vec![0f32; l + t], vec![0f32; l + t]);
     for i in 0..t {
-        let j0 = task.first_key(i);
-        probs_row(task.q(i), |j| task.k(j), j0, i, task.scale, &mut p);
+        let qi = l + i;
+        let j0 = task.first_key(qi);
+        probs_row(task.q(i), |j| task.k(j), j0, qi, task.scale, &mut p);
         let gi = g.row(task.r0 + i, task.qc, d);
         // dP'ᵢⱼ = gᵢ·vⱼ; dVⱼ += P'ᵢⱼ gᵢ; dPᵢⱼ = dP'ᵢⱼ · keepᵢⱼ.
         let mut dot = 0f32;
-        for j in j0..=i {
+        for j in j0..=qi {
             let kf = task.keep.map_or(1.0, |kp| kp[i * t + j]);
             axpy_imp(&mut dv[j * d..(j + 1) * d], p[j] * kf, gi);
             dp[j] = dot_imp(gi, task.v(j)) * kf;
             dot += p[j] * dp[j];
         }
         // dSᵢⱼ = Pᵢⱼ (dPᵢⱼ − Σⱼ Pᵢⱼ dPᵢⱼ); dQᵢ += scale dSᵢⱼ Kⱼ; dKⱼ += scale dSᵢⱼ Qᵢ.
-        let qi = task.q(i);
-        for j in j0..=i {
+        let q_row = task.q(i);
+        for j in j0..=qi {
             let ds = p[j] * (dp[j] - dot) * task.scale;
             axpy_imp(&mut dq[i * d..(i + 1) * d], ds, task.k(j));
-            axpy_imp(&mut dk[j * d..(j + 1) * d], ds, qi);
+            axpy_imp(&mut dk[j * d..(j + 1) * d], ds, q_row);
         }
     }
 }
