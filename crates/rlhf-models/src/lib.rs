@@ -32,4 +32,4 @@ pub use heads::{ScoreHead, ValueHead};
 pub use hub::{resolve_model, HubEnv};
 pub use model::{LoadOptions, Model};
 pub use tokenizer::Tokenizer;
-pub use transformer::{Fwd, Transformer};
+pub use transformer::{prefix_sharing, set_prefix_sharing, Fwd, PrefixSharingGuard, Transformer};

@@ -255,6 +255,21 @@ impl Model {
         self.backbone.forward_packed(seqs, fwd)
     }
 
+    /// [`Model::forward_packed`] with each sequence's positions counted from its offset
+    /// ([`Transformer::forward_packed_from`]).
+    ///
+    /// # Shapes
+    /// `seqs`: `B` sequences, `offsets`: `B` → `(N, H)`, `N` = total length.
+    pub fn forward_packed_from(&self, seqs: &[&[u32]], offsets: &[usize], fwd: &mut Fwd) -> Result<Tensor> {
+        self.backbone.forward_packed_from(seqs, offsets, fwd)
+    }
+
+    /// Whether a forward pass in train mode draws dropout masks (a dropout probability of
+    /// the config or of a LoRA adapter above 0).
+    pub fn draws_dropout(&self) -> bool {
+        self.backbone.draws_dropout()
+    }
+
     /// An empty KV cache for `batch` rows of up to `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = self.cfg();

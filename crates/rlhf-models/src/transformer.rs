@@ -20,6 +20,7 @@
 
 mod attention;
 mod fwd;
+mod packing;
 mod pieces;
 mod walk;
 
@@ -38,6 +39,8 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::family::{MlpNames, QkvNames};
 use crate::rope::Rope;
+use packing::Packing;
+pub use packing::{prefix_sharing, set_prefix_sharing, PrefixSharingGuard};
 
 /// One block: `x + attn(input_norm(x))`, then `x + mlp(post_norm(x))`.
 #[derive(Clone, Debug)]
@@ -373,7 +376,25 @@ impl Transformer {
     /// `seqs`: `B` sequences of token ids → hidden `(N, H)`, `N` = total length, rows in
     /// sequence order.
     pub fn forward_packed(&self, seqs: &[&[u32]], fwd: &mut Fwd) -> Result<Tensor> {
-        let packing = attention::Packing::new(seqs, &self.cfg, self.device())?;
+        self.forward_packed_from(seqs, &vec![0; seqs.len()], fwd)
+    }
+
+    /// [`Transformer::forward_packed`] with sequence `i`'s positions counted from
+    /// `offsets[i]` (the positions of a left-padded row whose position ids run over its
+    /// padding, as transformers' default `arange`).
+    ///
+    /// # Shapes
+    /// `seqs`: `B` sequences of token ids → hidden `(N, H)`, `N` = total length, rows in
+    /// sequence order.
+    pub fn forward_packed_from(&self, seqs: &[&[u32]], offsets: &[usize], fwd: &mut Fwd) -> Result<Tensor> {
+        // Shared prefixes run once unless the pass draws dropout (whose masks are per
+        // sequence); see `packing`.
+        let drops = fwd.dropout.is_some() && self.draws_dropout();
+        let packing = if packing::prefix_sharing() && !drops {
+            Packing::shared(seqs, offsets, &self.cfg, self.device())?
+        } else {
+            Packing::new(seqs, offsets, &self.cfg, self.device())?
+        };
         if let Some(keys) = fwd.dropout.as_deref_mut() {
             keys.set_packed(&packing.lens)?;
         }
@@ -384,7 +405,20 @@ impl Transformer {
             let attend = attention::Attend::Packed(&packing);
             x = self.layer_forward(layer, i, &x, attend, rope.as_ref(), None, fwd)?;
         }
-        self.norm.forward(&x, fwd)
+        packing.gather(&self.norm.forward(&x, fwd)?)
+    }
+
+    /// Whether a pass in train mode draws any dropout mask: a dropout probability of the
+    /// config or of a LoRA adapter above 0.
+    pub fn draws_dropout(&self) -> bool {
+        let c = &self.cfg;
+        c.attn_pdrop > 0.0
+            || c.embd_pdrop > 0.0
+            || c.resid_pdrop > 0.0
+            || self
+                .projections()
+                .iter()
+                .any(|(_, p)| p.lora().is_some_and(|l| l.dropout > 0.0))
     }
 
     /// Token (+ position) embeddings of flat ids.

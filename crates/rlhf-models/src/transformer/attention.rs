@@ -8,15 +8,16 @@
 //! [`rlhf_ops::attention`]; everything else through composed candle ops, which are the
 //! kernel's oracle.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rlhf_ops::attention::AttentionConfig;
 use rlhf_ops::nn::{repeat_kv, softmax_last_dim};
 use rlhf_peft::Proj;
 
+use super::packing::Packing;
 use super::pieces::Norm;
 use super::{Fwd, Layer, Transformer};
 use crate::cache::KvCache;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// The attention input projections.
 #[derive(Clone, Debug)]
@@ -120,6 +121,7 @@ impl Transformer {
                 scale: scale as f32,
                 window,
                 keep,
+                prefixes: p.prefixes.clone(),
             };
             let out = rlhf_ops::attention::attention(&q, &k, &v, &acfg)?;
             return Ok(l.attn.o_proj.forward(&out, &mut fwd.proj())?);
@@ -160,45 +162,4 @@ fn head_norm(norm: Option<&Norm>, x: &Tensor, n: usize, hd: usize, fwd: &Fwd) ->
     let rows = x.elem_count() / (n * hd).max(1);
     let y = norm.forward(&x.reshape((rows * n, hd))?, fwd)?;
     Ok(y.reshape(dims)?)
-}
-
-/// Sequences packed end to end: their ids, positions and lengths.
-pub(crate) struct Packing {
-    /// `(N)` token ids, sequences end to end.
-    pub ids: Tensor,
-    /// `N` positions, from 0 in every sequence.
-    pub positions_host: Vec<u32>,
-    /// Sequence lengths (`B` of them).
-    pub lens: Vec<usize>,
-}
-
-impl Packing {
-    pub(crate) fn new(seqs: &[&[u32]], cfg: &crate::ModelConfig, device: &Device) -> Result<Self> {
-        let max_positions = cfg.max_position_embeddings;
-        if seqs.is_empty() {
-            return Err(ModelError::Input("an empty batch: no sequences to run".into()));
-        }
-        let n: usize = seqs.iter().map(|s| s.len()).sum();
-        let (mut ids, mut positions) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for (i, s) in seqs.iter().enumerate() {
-            if s.is_empty() {
-                return Err(ModelError::Input(format!("sequence {i} of the batch has no tokens")));
-            }
-            if s.len() > max_positions {
-                return Err(ModelError::Input(format!(
-                    "sequence {i} has {} tokens, more than the model's {} ({max_positions})\n\
-                     hint: lower max_length",
-                    s.len(),
-                    cfg.max_positions_key()
-                )));
-            }
-            ids.extend_from_slice(s);
-            positions.extend(0..s.len() as u32);
-        }
-        Ok(Self {
-            ids: Tensor::from_vec(ids, n, device)?,
-            positions_host: positions,
-            lens: seqs.iter().map(|s| s.len()).collect(),
-        })
-    }
 }
