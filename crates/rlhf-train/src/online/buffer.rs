@@ -7,7 +7,9 @@
 //! longest prompt of the batch, completions right-padded to the longest kept completion; the
 //! scoring forward runs over `[prompt; completion]` with attention mask
 //! `[prompt_mask; completion_mask]` and **no position ids**, so transformers numbers the
-//! positions `0..P+C` over the padding too (`arange`), which `forward_at` reproduces.
+//! positions `0..P+C` over the padding too (`arange`), which `forward_at` reproduces. The
+//! pass runs packed where it can ([`PackedRows`]): the real tokens at those positions, a
+//! prompt's rows computed once for its group of completions.
 
 use candle_core::{DType, Device, Tensor};
 use rlhf_models::{Fwd, Model};
@@ -59,6 +61,71 @@ pub struct RowTensors {
     pub mask: Tensor,
     /// Prompt width `P`.
     pub prompt_width: usize,
+    /// The same rows without padding, for the packed pass ([`completion_logps`]); `None`
+    /// where a row's masks are not a left-padded prompt and a prefix of completion tokens.
+    pub packed: Option<PackedRows>,
+}
+
+/// Rows of a [`Buffer`] as packed sequences of their real tokens: the prompt's (the first
+/// at position `a`, its left padding, as the padded pass's `arange` numbers it) then the
+/// completion's through its mask. Rows of one prompt share its rows in the pass.
+pub struct PackedRows {
+    /// Real tokens of each row.
+    seqs: Vec<Vec<u32>>,
+    /// Position of each row's first token.
+    offsets: Vec<usize>,
+    /// For each row and completion position `t`, `(b·C)`: the packed row (every sequence
+    /// in full) whose hidden state predicts completion token `t`, or the total row count
+    /// for a position outside the attention mask (a zero row; masked out of every result).
+    index: Vec<u32>,
+}
+
+impl PackedRows {
+    /// The packed layout of `rows`, or `None` for masks of another shape.
+    fn new(buf: &Buffer, rows: &[usize]) -> Option<Self> {
+        let (p, c) = (buf.prompt_ids[0].len(), buf.completion_ids[0].len());
+        let (mut seqs, mut offsets, mut ends) = (Vec::new(), Vec::new(), Vec::new());
+        for &r in rows {
+            let pm = &buf.prompt_mask[r];
+            let a = pm.iter().take_while(|&&m| m == 0).count();
+            let kept = buf.completion_mask[r].iter().take_while(|&&m| m != 0.0).count();
+            if a == p || pm[a..].iter().any(|&m| m != 1) || buf.completion_mask[r][kept..].iter().any(|&m| m != 0.0) {
+                return None;
+            }
+            let mut seq = buf.prompt_ids[r][a..].to_vec();
+            seq.extend_from_slice(&buf.completion_ids[r][..kept]);
+            offsets.push(a);
+            ends.push(seq.len());
+            seqs.push(seq);
+        }
+        let total: usize = ends.iter().sum();
+        let mut index = Vec::with_capacity(rows.len() * c);
+        let mut start = 0;
+        for (i, &len) in ends.iter().enumerate() {
+            // Position P − 1 + t predicts completion token t: index P − 1 + t − a.
+            let first = p - 1 - offsets[i];
+            index.extend((0..c).map(|t| {
+                if first + t < len {
+                    (start + first + t) as u32
+                } else {
+                    total as u32
+                }
+            }));
+            start += len;
+        }
+        Some(Self { seqs, offsets, index })
+    }
+
+    /// Hidden states `(b, C, H)` at the positions that predict the completion tokens,
+    /// zero outside the attention mask.
+    fn completion_hidden(&self, model: &Model, c: usize, fwd: &mut Fwd) -> Result<Tensor> {
+        let seqs: Vec<&[u32]> = self.seqs.iter().map(Vec::as_slice).collect();
+        let hidden = model.forward_packed_from(&seqs, &self.offsets, fwd)?;
+        let zero = Tensor::zeros((1, hidden.dim(1)?), hidden.dtype(), hidden.device())?;
+        let idx = Tensor::from_slice(&self.index, self.index.len(), hidden.device())?;
+        let h = Tensor::cat(&[&hidden, &zero], 0)?.index_select(&idx, 0)?;
+        Ok(h.reshape((self.seqs.len(), c, ()))?)
+    }
 }
 
 impl Buffer {
@@ -183,6 +250,7 @@ impl Buffer {
             labels: Tensor::from_vec(labels, (b, c), device)?,
             mask: Tensor::from_vec(mask, (b, c), device)?,
             prompt_width: p,
+            packed: PackedRows::new(self, rows),
         })
     }
 
@@ -241,10 +309,18 @@ impl Buffer {
 /// differentiable when `fwd.grad` (the LM head's weight gradient goes to `fwd.sink` when
 /// it has one).
 pub fn completion_logps(model: &Model, x: &RowTensors, temperature: f64, fwd: &mut Fwd) -> Result<(Tensor, Tensor)> {
-    let hidden = model.forward_at(&x.ids, &x.attention, &x.positions, fwd)?;
     let c = x.labels.dim(1)?;
-    // Position P−1+t predicts completion token t.
-    let h = hidden.narrow(1, x.prompt_width - 1, c)?;
+    let h = match &x.packed {
+        // The real tokens only, each prompt's rows once for all its completions; the same
+        // hidden states wherever the attention mask is 1. Dropout masks are drawn over the
+        // padded layout, so a pass that draws them stays padded.
+        Some(p) if fwd.dropout.is_none() || !model.draws_dropout() => p.completion_hidden(model, c, fwd)?,
+        _ => {
+            let hidden = model.forward_at(&x.ids, &x.attention, &x.positions, fwd)?;
+            // Position P−1+t predicts completion token t.
+            hidden.narrow(1, x.prompt_width - 1, c)?
+        }
+    };
     let w = model.lm_head_weight(fwd.grad)?;
     let sink: Option<&GradSink> = fwd.sink;
     let (lp, ent) = tempered_lm_head_logprobs_and_entropy(&h, w, &x.labels, temperature, sink).map_err(setting_of)?;
