@@ -53,7 +53,7 @@ pub enum Workload {
     /// One GRPO step: 2 prompts × 8 completions of 64 tokens, distinct-words rule, dapo,
     /// beta 0, SmolLM2-135M shape.
     GrpoSmall,
-    /// As `grpo-small` with LoRA r 16, alpha 32 on q_proj,v_proj, beta 0.04.
+    /// As `grpo-small` with LoRA r 16, alpha 32, dropout 0 on q_proj,v_proj, beta 0.04.
     GrpoSmallLora,
 }
 

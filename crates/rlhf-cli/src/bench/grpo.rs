@@ -32,6 +32,8 @@ pub(super) fn grpo(name: &str, lora: bool, steps: usize) -> anyhow::Result<()> {
         cfg.peft.lora_r = 16;
         cfg.peft.lora_alpha = 32.0;
         cfg.peft.lora_target_modules = Some(vec!["q_proj".into(), "v_proj".into()]);
+        // The reference script's `LoraConfig` keeps PEFT's default dropout, 0.
+        cfg.peft.lora_dropout = 0.0;
         if let Some(counts) = cfg.peft.apply(&mut model, "CAUSAL_LM", 0)? {
             eprintln!("{counts}");
         }

@@ -311,11 +311,11 @@ impl Buffer {
 pub fn completion_logps(model: &Model, x: &RowTensors, temperature: f64, fwd: &mut Fwd) -> Result<(Tensor, Tensor)> {
     let c = x.labels.dim(1)?;
     let h = match &x.packed {
-        // The real tokens only, each prompt's rows once for all its completions; the same
-        // hidden states wherever the attention mask is 1. Dropout masks are drawn over the
-        // padded layout, so a pass that draws them stays padded.
-        Some(p) if fwd.dropout.is_none() || !model.draws_dropout() => p.completion_hidden(model, c, fwd)?,
-        _ => {
+        // The real tokens only, each prompt's rows once for all its completions (unless the
+        // pass draws dropout); the same hidden states wherever the attention mask is 1, and
+        // the same dropout masks (drawn per sequence in its own token order).
+        Some(p) => p.completion_hidden(model, c, fwd)?,
+        None => {
             let hidden = model.forward_at(&x.ids, &x.attention, &x.positions, fwd)?;
             // Position P−1+t predicts completion token t.
             hidden.narrow(1, x.prompt_width - 1, c)?
