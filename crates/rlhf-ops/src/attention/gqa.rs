@@ -130,7 +130,6 @@ impl AttentionConfig {
             r0,
             t,
             prefix: &s.prefix,
-            l: s.prefix.len(),
             qc: head * d,
             kc: (head / self.n_rep()) * d,
             d,
@@ -225,8 +224,8 @@ impl AttentionConfig {
         let w = wq + 2 * wkv;
         let mut out = vec![0f32; n * w];
         for (&(s, kvh), buf) in specs.iter().zip(&parts) {
-            let (t, l) = (s.t, s.prefix.len());
-            let keys = l + t;
+            let (t, keys) = (s.t, s.prefix.len() + s.t);
+            let task = self.task(q, k, v, s, kvh * rep);
             for r in 0..rep {
                 let col = (kvh * rep + r) * d;
                 for i in 0..t {
@@ -239,8 +238,7 @@ impl AttentionConfig {
             let (dk, dv) = buf[rep * t * d..].split_at(keys * d);
             for (col, part) in [(wq + kvh * d, dk), (wq + wkv + kvh * d, dv)] {
                 for j in 0..keys {
-                    let row = if j < l { s.prefix[j] } else { s.r0 + (j - l) };
-                    let dst = row * w + col;
+                    let dst = task.key_row(j) * w + col;
                     out[dst..dst + d]
                         .iter_mut()
                         .zip(&part[j * d..(j + 1) * d])
@@ -336,11 +334,13 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionCon
             continue;
         }
         // Rows of the sequence's keys: the shared prefix's, then its own.
-        let key_rows: Vec<u32> = s.prefix.iter().copied().chain(row..row + t).map(|r| r as u32).collect();
-        let key_rows = Tensor::from_vec(key_rows, l + t, q.device())?;
         let keys = |x: &Tensor| match l {
             0 => x.narrow(0, row, t),
-            _ => x.contiguous()?.index_select(&key_rows, 0),
+            _ => {
+                let rows: Vec<u32> = s.prefix.iter().copied().chain(row..row + t).map(|r| r as u32).collect();
+                x.contiguous()?
+                    .index_select(&Tensor::from_vec(rows, l + t, x.device())?, 0)
+            }
         };
         let heads = |x: Tensor, h: usize| -> candle_core::Result<Tensor> {
             let n = x.dim(0)?;

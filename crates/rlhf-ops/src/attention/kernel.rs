@@ -80,8 +80,6 @@ pub(super) struct Task<'a> {
     pub t: usize,
     /// Rows of the shared prefix's keys (empty: none).
     pub prefix: &'a [usize],
-    /// `prefix.len()`.
-    pub l: usize,
     pub qc: usize,
     pub kc: usize,
     pub d: usize,
@@ -100,11 +98,12 @@ impl<'a> Task<'a> {
 
     /// The row of key index `j` (see [`Task`]).
     #[inline(always)]
-    fn key_row(&self, j: usize) -> usize {
-        if j < self.l {
+    pub(super) fn key_row(&self, j: usize) -> usize {
+        let l = self.prefix.len();
+        if j < l {
             self.prefix[j]
         } else {
-            self.r0 + (j - self.l)
+            self.r0 + (j - l)
         }
     }
 
@@ -128,7 +127,7 @@ impl<'a> Task<'a> {
 /// Forward of one task into `o` (`t × d`).
 #[inline(always)]
 fn fwd_task_imp(task: &Task, o: &mut [f32]) {
-    let (t, d, l) = (task.t, task.d, task.l);
+    let (t, d, l) = (task.t, task.d, task.prefix.len());
     let mut p = vec![0f32; l + t];
     for i in 0..t {
         // Query `i` at key index `qi`; `keep` exists only without a prefix (`qi == i`).
@@ -157,7 +156,7 @@ dispatched! {
 /// several query heads share one kv head, so the caller zeroes `dk`, `dv` once per kv head).
 #[inline(always)]
 fn bwd_task_imp(task: &Task, g: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-    let (t, d, l) = (task.t, task.d, task.l);
+    let (t, d, l) = (task.t, task.d, task.prefix.len());
     dq.iter_mut().for_each(|x| *x = 0.0);
     let (mut p, mut dp) = (vec![0f32; l + t], vec![0f32; l + t]);
     for i in 0..t {

@@ -84,7 +84,7 @@ impl PackedRows {
     /// The packed layout of `rows`, or `None` for masks of another shape.
     fn new(buf: &Buffer, rows: &[usize]) -> Option<Self> {
         let (p, c) = (buf.prompt_ids[0].len(), buf.completion_ids[0].len());
-        let (mut seqs, mut offsets, mut ends) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut seqs, mut offsets) = (Vec::new(), Vec::new());
         for &r in rows {
             let pm = &buf.prompt_mask[r];
             let a = pm.iter().take_while(|&&m| m == 0).count();
@@ -95,15 +95,14 @@ impl PackedRows {
             let mut seq = buf.prompt_ids[r][a..].to_vec();
             seq.extend_from_slice(&buf.completion_ids[r][..kept]);
             offsets.push(a);
-            ends.push(seq.len());
             seqs.push(seq);
         }
-        let total: usize = ends.iter().sum();
+        let total: usize = seqs.iter().map(Vec::len).sum();
         let mut index = Vec::with_capacity(rows.len() * c);
         let mut start = 0;
-        for (i, &len) in ends.iter().enumerate() {
+        for (seq, &a) in seqs.iter().zip(&offsets) {
             // Position P − 1 + t predicts completion token t: index P − 1 + t − a.
-            let first = p - 1 - offsets[i];
+            let (first, len) = (p - 1 - a, seq.len());
             index.extend((0..c).map(|t| {
                 if first + t < len {
                     (start + first + t) as u32
